@@ -1,0 +1,183 @@
+"""MVTec-AD-layout dataset index, image/mask loading and batch collation.
+
+Layout (identical for the real MVTec AD, a local folder and the generated default)::
+
+    <root>/<category>/train/good/<id>.png
+    <root>/<category>/test/<defect>/<id>.png            defect == "good" for normal images
+    <root>/<category>/ground_truth/<defect>/<id>_mask.png   (no masks for "good")
+
+Every stage works from the same index (:func:`index_category`), so the order of samples, and
+with it the rows of feature banks, scores and metrics, is the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetError(ValueError):
+    """The dataset on disk does not have the expected MVTec layout or content."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the index. Paths are relative to the dataset root (machine independent)."""
+
+    category: str
+    split: str  # "train" | "test"
+    defect: str  # "good" or the defect type
+    image_path: str
+    mask_path: str | None
+    original_size: tuple[int, int]  # (height, width) of the image file
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.defect != "good"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Sample":
+        return cls(**{**record, "original_size": tuple(record["original_size"])})
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) read from the file header; raises DatasetError naming the file."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"{path}: cannot be decoded as an image ({error})") from error
+    return height, width
+
+
+def list_categories(root: str | Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+
+
+def index_category(root: str | Path, category: str) -> list[Sample]:
+    """Index one category: train images first, then test images by defect type, sorted by name.
+
+    Checks the layout: the category exists, has good training images and test images, and every
+    defective test image has a mask file (sizes are checked when masks are loaded).
+    """
+    root = Path(root)
+    category_dir = root / category
+    if not category_dir.is_dir():
+        available = ", ".join(list_categories(root)) or "none"
+        raise DatasetError(
+            f"category {category!r} not found under {root} (available: {available}); "
+            "check data.categories in params.yaml"
+        )
+    train_dir = category_dir / "train" / "good"
+    test_dir = category_dir / "test"
+    if not train_dir.is_dir() or not _image_files(train_dir):
+        raise DatasetError(f"{train_dir}: no training images (expected <category>/train/good/*.png)")
+    if not test_dir.is_dir():
+        raise DatasetError(f"{test_dir}: missing (expected <category>/test/<defect>/*.png)")
+
+    samples = [
+        Sample(category, "train", "good", path.relative_to(root).as_posix(), None, image_size(path))
+        for path in _image_files(train_dir)
+    ]
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        defect = defect_dir.name
+        for path in _image_files(defect_dir):
+            mask_rel = None
+            if defect != "good":
+                mask = category_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
+                if not mask.is_file():
+                    raise DatasetError(f"{mask}: missing ground-truth mask for {path}")
+                mask_rel = mask.relative_to(root).as_posix()
+            samples.append(
+                Sample(category, "test", defect, path.relative_to(root).as_posix(), mask_rel, image_size(path))
+            )
+    if not any(s.split == "test" for s in samples):
+        raise DatasetError(f"{test_dir}: no test images")
+    return samples
+
+
+def split_samples(samples: Iterable[Sample], split: str) -> list[Sample]:
+    return [s for s in samples if s.split == split]
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image and convert grayscale, palette or RGBA to RGB; errors name the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise DatasetError(f"{path}: cannot be decoded as an image ({error})") from error
+
+
+def load_mask(path: str | Path, expected_size: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask as bool [H, W]; must match the image's (height, width)."""
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 0
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"{path}: cannot be decoded as a mask ({error})") from error
+    if mask.shape != tuple(expected_size):
+        raise DatasetError(
+            f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
+            f"{expected_size[1]}x{expected_size[0]} (width x height)"
+        )
+    return mask
+
+
+def sample_mask(root: str | Path, sample: Sample) -> np.ndarray:
+    """bool [H, W] ground truth of a test sample; all False for good images."""
+    if sample.mask_path is None:
+        return np.zeros(sample.original_size, dtype=bool)
+    return load_mask(Path(root) / sample.mask_path, sample.original_size)
+
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> float tensor [3, size, size]: resize WITHOUT centre crop (defects sit at
+    borders too), scale to [0, 1], ImageNet mean/std normalisation."""
+    resized = image.resize((size, size), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # [S, S, 3]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (pixels.permute(2, 0, 1) - mean) / std
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Samples -> (image tensor [3, S, S], Sample), for a DataLoader with :func:`collate`."""
+
+    def __init__(self, root: str | Path, samples: Sequence[Sample], size: int):
+        self.root = Path(root)
+        self.samples = list(samples)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Sample]:
+        sample = self.samples[index]
+        return preprocess(load_rgb(self.root / sample.image_path), self.size), sample
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, Sample]]) -> tuple[torch.Tensor, list[Sample]]:
+    """Stack images to [B, 3, S, S] and keep each image's Sample (metadata) in order."""
+    images, samples = zip(*batch)
+    return torch.stack(images), list(samples)

@@ -1,0 +1,65 @@
+"""Atomic, deterministic file output shared by every stage.
+
+Every file a stage writes goes to a temporary name in the same directory and is renamed into
+place, so an interrupted or failing stage never leaves a half-written output behind.  Arrays are
+stored with safetensors: its byte layout depends only on the arrays and the metadata (no
+timestamps, unlike ``np.savez``), so identical inputs give identical files and DVC's run-cache
+and ``dvc metrics diff`` stay meaningful.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Save named arrays plus JSON-serialisable metadata atomically (safetensors)."""
+    contiguous = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    header = {"json": json.dumps(metadata or {}, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=header)
+
+
+def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Load what :func:`save_arrays` wrote: (arrays, metadata)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (did the stage that writes it run? try `dvc repro`)")
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
+    return load_file(str(path)), metadata
