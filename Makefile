@@ -1,0 +1,38 @@
+# The two commands of the README: `make run` (the pipeline on the embedded default dataset) and
+# `make test`. Both set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup run test demo benchmarks clean
+
+setup: $(STAMP)
+
+# torch==2.14.1 / torchvision==0.29.1 come from the local wheel store pip is configured with;
+# the venv is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: setup
+	dvc repro
+	dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/streamlit run app/demo.py --server.address 127.0.0.1
+
+benchmarks: setup
+	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/score.py
+	$(BIN)/python benchmarks/metrics.py
+
+clean:
+	rm -rf data/dataset featurebanks scores reports
