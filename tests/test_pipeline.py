@@ -1,0 +1,136 @@
+"""End to end: the DVC pipeline on a tiny configuration, and its re-run granularity.
+
+Runs the real stages (tiny models, tiny images) in a temporary copy of the project, then edits
+params.yaml there and asks DVC what it would re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["vitad", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/plots"]
+
+pytestmark = pytest.mark.slow
+
+
+def _dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _edit_params(project: Path, edit) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _stages_that_would_run(project: Path) -> set[str]:
+    output = _dvc(project, "repro", "--dry").stdout
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _tiny(params: dict) -> None:
+    params["pipeline"] = {"backbones": ["resnet50", "dinov2_vitb14"], "methods": ["knn", "kmeans"]}
+    params["data"]["categories"] = ["weave", "mesh"]
+    params["data"]["synthetic"].update(train_images=3, test_good_images=2, test_images_per_defect=1)
+    params["extract"]["batch_size"] = 4
+    params["backbones"]["resnet50"]["image_size"] = 64
+    params["backbones"]["dinov2_vitb14"].update(
+        image_size=56,
+        config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    )
+    params["score"]["kmeans"]["n_clusters"] = 2
+    params["heatmap"]["examples_per_defect"] = 1
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project that has run the tiny pipeline once."""
+    root = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        elif source.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _edit_params(root, _tiny)
+    _dvc(root, "repro")
+    return root
+
+
+def test_pipeline_writes_metrics_plots_and_figures(project):
+    for pair in ["resnet50-knn", "resnet50-kmeans", "dinov2_vitb14-knn", "dinov2_vitb14-kmeans"]:
+        metrics = json.loads((project / "reports" / "metrics" / f"{pair}.json").read_text())
+        assert set(metrics) >= {"weave", "mesh", "mean"}
+        for values in metrics.values():
+            assert 0.0 <= values["image_auroc"] <= 1.0 and 0.0 <= values["pixel_auroc"] <= 1.0
+        assert any((project / "reports" / "plots" / pair).iterdir())
+        assert any((project / "reports" / "figures" / pair).glob("*.png"))
+    shown = _dvc(project, "metrics", "show").stdout
+    assert "reports/metrics/resnet50-knn.json" in shown and "image_auroc" in shown
+
+
+def test_second_repro_does_no_work(project):
+    assert _stages_that_would_run(project) == set()
+    assert "Data and pipelines are up to date" in _dvc(project, "status").stdout
+
+
+def test_knn_k_change_reruns_only_knn_scoring_and_after(project):
+    _edit_params(project, lambda p: p["score"]["knn"].update(k=2))
+    try:
+        stages = _stages_that_would_run(project)
+    finally:
+        _edit_params(project, lambda p: p["score"]["knn"].update(k=1))
+    assert stages, "changing score.knn.k must re-run something"
+    assert not any(s.startswith(("download", "extract@")) for s in stages), stages
+    assert {"score@resnet50-knn", "score@dinov2_vitb14-knn"} <= stages
+    assert not any("kmeans" in s for s in stages), stages
+
+
+def test_backbone_change_reruns_only_that_backbone(project):
+    _edit_params(project, lambda p: p["backbones"]["resnet50"].update(image_size=96))
+    try:
+        stages = _stages_that_would_run(project)
+    finally:
+        _edit_params(project, lambda p: p["backbones"]["resnet50"].update(image_size=64))
+    assert {"extract@resnet50-weave", "extract@resnet50-mesh"} <= stages
+    assert not any("dinov2" in s for s in stages), stages
+    assert "download" not in stages
+
+
+def test_new_category_runs_only_new_extraction(project):
+    _edit_params(project, lambda p: p["data"].update(categories=["weave", "mesh", "washer"]))
+    output = _dvc(project, "repro").stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", output))
+    assert {"extract@resnet50-washer", "extract@dinov2_vitb14-washer"} <= ran
+    assert not any(s.startswith("extract@") and not s.endswith("-washer") for s in ran), ran
+    metrics = json.loads((project / "reports" / "metrics" / "resnet50-knn.json").read_text())
+    assert "washer" in metrics
+
+
+def test_bad_category_fails_with_its_name_and_keeps_data(project):
+    before = sorted(p.name for p in (project / "data" / "dataset").iterdir())
+    _edit_params(project, lambda p: p["data"].update(categories=["weave", "wool"]))
+    try:
+        result = _dvc(project, "repro", check=False)
+    finally:
+        _edit_params(project, lambda p: p["data"].update(categories=["weave", "mesh", "washer"]))
+    assert result.returncode != 0
+    assert "wool" in result.stdout + result.stderr
+    assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == before
