@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vitad.params import ParamsError
+
 Canvas = np.ndarray  # float32 [H, W, C] in [0, 1]
 
 
@@ -234,8 +236,8 @@ def generate_category(
 ) -> None:
     """Write one category in MVTec layout under dest/<category>."""
     if category not in CATEGORIES:
-        raise ValueError(
-            f"data.categories: {category!r} is not a synthetic category (available: {', '.join(CATEGORIES)}); "
+        raise ParamsError(
+            f"params.yaml: data.categories: {category!r} is not a synthetic category (available: {', '.join(CATEGORIES)}); "
             "set data.source to mvtec or folder for real categories"
         )
     spec = CATEGORIES[category]
