@@ -34,6 +34,7 @@ from typing import BinaryIO, Sequence
 from tqdm import tqdm
 
 from vitad import __version__
+from vitad.cli import StageError
 from vitad.data import DatasetError, index_category, load_mask
 
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
@@ -52,8 +53,9 @@ MAX_ATTEMPTS = 20
 LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-class DownloadError(RuntimeError):
-    """The archive could not be downloaded or does not match its pinned SHA-256."""
+class DownloadError(StageError):
+    """The archive could not be downloaded or does not match its pinned SHA-256 (a StageError:
+    stages report it as one line)."""
 
 
 def prepare_mvtec(dest: Path, categories: Sequence[str], url: str, sha256: str, archive: Path) -> None:
