@@ -1,0 +1,48 @@
+"""compare stage: one figure per category comparing every backbone x method found under --scores.
+
+Columns are the selected test images (same rule as the heatmap stage: first
+heatmap.examples_per_defect per defect type, then heatmap.good_examples good ones); the first
+two rows show the images and their ground truth, then one row of anomaly-map overlays per
+backbone x method (directories under --scores, sorted), each with its own colourbar.
+
+Writes <out>/<category>.png (a DVC image-plot directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vitad.heatmap import FigureSettings, ScoresError, read_category_scores, render_comparison  # noqa: E402
+from vitad.params import load_params, string_list  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--scores", required=True, type=Path, help="directory holding <backbone>-<method>/ score dirs")
+    parser.add_argument("--data", required=True, type=Path, help="dataset root (MVTec layout)")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    categories = string_list(params, "data.categories")
+    settings = FigureSettings.from_params(params)
+    score_dirs = sorted(p for p in args.scores.iterdir() if p.is_dir() and not p.name.startswith(".")) if args.scores.is_dir() else []
+    if not score_dirs:
+        raise ScoresError(f"{args.scores}: no <backbone>-<method> score directories (run the score stages first)")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(args.out.glob("*.png")):
+        stale.unlink()
+    for category in categories:
+        rows = [read_category_scores(d / f"{category}.safetensors", expected_category=category) for d in score_dirs]
+        path = render_comparison(args.out / f"{category}.png", rows, args.data, settings)
+        print(f"{category}: {len(rows)} backbone x method rows -> {path}")
+
+
+if __name__ == "__main__":
+    main()
