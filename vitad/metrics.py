@@ -77,7 +77,7 @@ def _image_list(arrays, name: str) -> Sequence[np.ndarray]:
 
 
 def _undefined(metric: str, reason: str) -> float:
-    warnings.warn(f"{metric} is undefined (NaN): {reason}", UndefinedMetricWarning, stacklevel=3)
+    warnings.warn(f"{metric} undefined (NaN): {reason}", UndefinedMetricWarning, stacklevel=3)
     return float("nan")
 
 
