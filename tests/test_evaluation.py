@@ -21,7 +21,7 @@ from vitad.heatmap import anomaly_map
 from vitad.io import load_arrays, save_arrays
 
 REPO = Path(__file__).resolve().parents[1]
-RANDOM_WEIGHTS = {"source": "random", "seed": 0}
+RANDOM_WEIGHTS = {"mode": "random", "seed": 0, "source": "random initialisation"}
 GRID = 8
 
 
@@ -180,7 +180,7 @@ def test_bad_settings_name_their_parameter(tiny_dataset, tmp_path, settings, mes
 
 def test_score_files_of_one_run_must_agree(tiny_dataset, tmp_path):
     write_scores(tmp_path / "weave.safetensors", tiny_dataset, "weave")
-    write_scores(tmp_path / "mesh.safetensors", tiny_dataset, "mesh", weights={"source": "facebook/dinov2-base"})
+    write_scores(tmp_path / "mesh.safetensors", tiny_dataset, "mesh", weights={"mode": "pretrained", "source": "facebook/dinov2-base"})
     with pytest.raises(evaluation.EvaluationError, match="disagree"):
         evaluation.evaluate_run(tiny_dataset, tmp_path, ["weave", "mesh"], sigma=4)
 
@@ -228,7 +228,7 @@ def test_evaluate_and_report_stages_write_deterministic_outputs(tiny_dataset, tm
     summary = tmp_path / "reports" / "summary.md"
     load_stage("report").main(["--metrics", str(metrics_path.parent), "--out", str(summary)])
     text = summary.read_text()
-    assert "RANDOM initialisation" in text and "source=random" in text
+    assert "RANDOM initialisation" in text and "mode=random, seed=0" in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "resnet50" in line]
     assert len(table) == 2 * (len(categories) + 1)
     assert table[0].startswith("| **mean** | resnet50 | kmeans |")
@@ -262,7 +262,7 @@ def entry(backbone: str, method: str, random: bool, **values) -> evaluation.Repo
     info = {
         "backbone": backbone,
         "method": method,
-        "weights": {"source": "random" if random else "hub"},
+        "weights": {"mode": "random" if random else "pretrained"},
         "random_weights": random,
         "evaluation": {"resolution": "original", "fpr_limit": 0.3, "sigma": 4.0},
     }
