@@ -1,0 +1,202 @@
+"""Feature banks: extraction loop, storage round trip, and the extract stage. Tiny models only."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from vitad.backbones import build_extractor
+from vitad.data import ImageDataset, Sample, index_category, split_samples
+from vitad.featurebank import (
+    FeatureBankError,
+    bank_info,
+    extract_settings,
+    extract_split,
+    read_bank,
+    write_bank,
+)
+from vitad.io import save_arrays
+from vitad.params import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("extract_stage", REPO / "stages" / "extract.py")
+extract_stage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(extract_stage)
+
+TINY_DINOV2 = {
+    "family": "dinov2",
+    "pretrained": "facebook/dinov2-base",
+    "image_size": 42,
+    "layer": -1,
+    "image_embedding": "cls",
+    "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return build_extractor("dinov2_vitb14", TINY_DINOV2, "random", seed=0)
+
+
+def _sample(index: int, split: str = "train") -> Sample:
+    return Sample("weave", split, "good", f"weave/{split}/good/{index:03d}.png", None, (256, 256))
+
+
+def _bank_arrays(rng: np.random.Generator, n_train: int = 3, n_test: int = 2) -> dict:
+    return {
+        "train_embeddings": rng.standard_normal((n_train, 8), dtype=np.float32),
+        "train_patches": rng.standard_normal((n_train, 2, 3, 5), dtype=np.float32),
+        "test_embeddings": rng.standard_normal((n_test, 8), dtype=np.float32),
+        "test_patches": rng.standard_normal((n_test, 2, 3, 5), dtype=np.float32),
+        "train_samples": [_sample(i) for i in range(n_train)],
+        "test_samples": [_sample(i, "test") for i in range(n_test)],
+    }
+
+
+INFO = {"backbone": "b", "category": "weave", "config": {"family": "dinov2"}, "weights": "random",
+        "weights_info": {"mode": "random", "seed": 0, "source": "random initialisation"},
+        "grid_size": [2, 3], "image_size": 42, "patch_dtype": "float16"}
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+
+def test_bank_round_trip_stores_float16_patches_and_reads_float32(tmp_path):
+    arrays = _bank_arrays(np.random.default_rng(0))
+    path = tmp_path / "featurebanks" / "b" / "weave.safetensors"
+    write_bank(path, **arrays, info=INFO)
+    with safe_open(str(path), framework="numpy") as handle:
+        assert handle.get_slice("train_patches").get_dtype() == "F16"
+        assert handle.get_slice("train_embeddings").get_dtype() == "F32"
+    bank = read_bank(path)
+    assert bank.train_patches.dtype == bank.test_patches.dtype == np.float32
+    np.testing.assert_array_equal(bank.train_embeddings, arrays["train_embeddings"])
+    np.testing.assert_allclose(bank.test_patches, arrays["test_patches"], rtol=1e-3, atol=1e-3)
+    assert bank.train_samples == arrays["train_samples"] and bank.test_samples == arrays["test_samples"]
+    assert bank.info == INFO and bank.grid_size == (2, 3)
+    assert not list(path.parent.glob(".*.tmp")), "temporary file left behind"
+
+
+def test_bank_files_are_deterministic_and_float32_is_exact(tmp_path):
+    arrays = _bank_arrays(np.random.default_rng(1))
+    info = dict(INFO, patch_dtype="float32")
+    write_bank(tmp_path / "a.safetensors", **arrays, info=info)
+    write_bank(tmp_path / "b.safetensors", **arrays, info=info)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    np.testing.assert_array_equal(read_bank(tmp_path / "a.safetensors").train_patches, arrays["train_patches"])
+
+
+def test_write_bank_refuses_inconsistent_or_unrepresentable_data(tmp_path):
+    arrays = _bank_arrays(np.random.default_rng(2))
+    with pytest.raises(ValueError, match="train: 3 embeddings, 3 patch grids and 2 samples differ"):
+        write_bank(tmp_path / "x.safetensors", **dict(arrays, train_samples=arrays["train_samples"][:2]), info=INFO)
+    arrays["test_patches"][0, 0, 0, 0] = 1e6
+    with pytest.raises(ValueError, match="test_patches holds inf/NaN.*extract.patch_dtype: float32"):
+        write_bank(tmp_path / "x.safetensors", **arrays, info=INFO)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_read_bank_names_the_file_when_it_is_not_a_bank(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_arrays(path, {"scores": np.zeros(3, dtype=np.float32)})
+    with pytest.raises(FeatureBankError, match=r"other\.safetensors: not a vitad feature bank"):
+        read_bank(path)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        read_bank(tmp_path / "missing.safetensors")
+
+
+def test_extract_settings_validate_and_name_the_key():
+    assert extract_settings({"extract": {"batch_size": 4, "device": "cpu", "patch_dtype": "float32", "seed": 1}}).batch_size == 4
+    with pytest.raises(ParamsError, match="extract.batch_size must be a positive integer"):
+        extract_settings({"extract": {"batch_size": 0}})
+    with pytest.raises(ParamsError, match="extract.patch_dtype must be one of float16, float32"):
+        extract_settings({"extract": {"patch_dtype": "bfloat16"}})
+
+
+# --- extraction loop -----------------------------------------------------------------------------
+
+
+def test_rows_follow_samples_across_batches_and_workers(tiny_dataset, extractor):
+    """Row i is sample i whatever the batch size or number of decoding processes; the mesh
+    category is stored single-channel and goes through the same path."""
+    samples = index_category(tiny_dataset, "mesh")
+    embeddings, patches = extract_split(extractor, tiny_dataset, samples, batch_size=3, progress=False)
+    assert embeddings.shape == (len(samples), 32) and patches.shape == (len(samples), 3, 3, 32)
+    dataset = ImageDataset(tiny_dataset, samples, extractor.image_size)
+    for row in (0, len(samples) - 1):
+        single_embedding, single_patches = extractor(dataset[row][0][None])
+        np.testing.assert_allclose(embeddings[row], single_embedding[0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(patches[row], single_patches[0].numpy(), rtol=1e-4, atol=1e-5)
+    serial = extract_split(extractor, tiny_dataset, samples, batch_size=len(samples), num_workers=0, progress=False)
+    np.testing.assert_allclose(serial[1], patches, rtol=1e-4, atol=1e-5)
+
+
+def test_extract_split_casts_patches_to_the_storage_dtype(tiny_dataset, extractor):
+    samples = index_category(tiny_dataset, "weave")[:2]
+    embeddings, patches = extract_split(extractor, tiny_dataset, samples, 2, patch_dtype="float16", num_workers=0,
+                                        progress=False)
+    assert embeddings.dtype == np.float32 and patches.dtype == np.float16
+
+
+def test_bank_info_records_the_weights(extractor):
+    info = bank_info("dinov2_vitb14", "mesh", TINY_DINOV2, "random", extractor, "float16")
+    assert info["weights_info"] == {"mode": "random", "seed": 0, "source": "random initialisation"}
+    assert info["grid_size"] == [3, 3] and info["image_size"] == 42 and info["config"] == TINY_DINOV2
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def _params(tmp_path: Path, weights: str = "random", backbone: dict = TINY_DINOV2) -> Path:
+    params = {
+        "weights": weights,
+        "extract": {"batch_size": 4, "device": "cpu", "patch_dtype": "float16", "seed": 0},
+        "backbones": {"dinov2_vitb14": backbone},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _run_stage(tmp_path: Path, data: Path, params: Path) -> Path:
+    out = tmp_path / "featurebanks" / "dinov2_vitb14" / "washer.safetensors"
+    extract_stage.main(["--backbone", "dinov2_vitb14", "--category", "washer", "--data", str(data),
+                        "--out", str(out), "--params", str(params)])
+    return out
+
+
+def test_stage_writes_a_bank_in_index_order_and_prints_throughput(tmp_path, tiny_dataset, capsys):
+    out = _run_stage(tmp_path, tiny_dataset, _params(tmp_path))
+    samples = index_category(tiny_dataset, "washer")
+    bank = read_bank(out)
+    assert bank.train_samples == split_samples(samples, "train") and bank.test_samples == split_samples(samples, "test")
+    assert bank.train_patches.shape == (len(bank.train_samples), 3, 3, 32)
+    assert bank.info["weights"] == "random" and bank.info["weights_info"]["seed"] == 0
+    assert bank.info["patch_dtype"] == "float16" and bank.info["backbone"] == "dinov2_vitb14"
+    printed = capsys.readouterr().out
+    assert f"dinov2_vitb14/washer: {len(samples)} images in" in printed and "img/s" in printed
+    first_bytes = out.read_bytes()
+    _run_stage(tmp_path, tiny_dataset, _params(tmp_path))
+    assert out.read_bytes() == first_bytes, "same params must give the same bank bit for bit"
+
+
+def test_stage_fails_on_missing_weights_before_touching_data(tmp_path):
+    backbone = {key: value for key, value in TINY_DINOV2.items() if key != "config"}
+    params = _params(tmp_path, "pretrained", dict(backbone, pretrained=str(tmp_path / "no-weights")))
+    with pytest.raises(ParamsError, match=r"backbones\.dinov2_vitb14\.pretrained.*save_pretrained"):
+        _run_stage(tmp_path, tmp_path / "no-dataset", params)
+    assert not (tmp_path / "featurebanks").exists()
+
+
+def test_stage_names_the_bad_key(tmp_path, tiny_dataset):
+    with pytest.raises(ParamsError, match=r"params.yaml: backbones.dinov2_vitb14.image_size must be int, got 'x'"):
+        _run_stage(tmp_path, tiny_dataset, _params(tmp_path, backbone=dict(TINY_DINOV2, image_size="x")))
+    with pytest.raises(ParamsError, match=r"params.yaml: missing key 'backbones.nope'"):
+        extract_stage.main(["--backbone", "nope", "--category", "washer", "--data", str(tiny_dataset),
+                            "--out", str(tmp_path / "x.safetensors"), "--params", str(_params(tmp_path))])

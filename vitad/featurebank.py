@@ -1,0 +1,224 @@
+"""Feature banks: the extracted features of one (backbone, category), and the extraction loop.
+
+A bank is one safetensors file (``featurebanks/<backbone>/<category>.safetensors``) holding
+
+- ``train_embeddings`` [N_train, D] and ``test_embeddings`` [N_test, D], float32;
+- ``train_patches`` [N_train, h, w, Dp] and ``test_patches`` [N_test, h, w, Dp], stored in
+  ``extract.patch_dtype`` (float16 halves the files) and read back as float32;
+- metadata: ``train_samples`` / ``test_samples`` (one :class:`vitad.data.Sample` per row, in
+  row order) and ``info`` (backbone, category, its params entry, the weights switch and which
+  weights produced the features, grid size, image size, patch dtype).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vitad.backbones import FeatureExtractor
+from vitad.cli import StageError
+from vitad.data import ImageDataset, Sample, collate
+from vitad.io import load_arrays, save_arrays
+from vitad.params import ParamsError, param, positive_int
+
+PATCH_DTYPES = {"float16": np.float16, "float32": np.float32}
+ARRAY_NAMES = ("train_embeddings", "train_patches", "test_embeddings", "test_patches")
+INFO_KEYS = ("backbone", "config", "weights_info", "grid_size", "image_size", "patch_dtype")
+
+
+class FeatureBankError(StageError):
+    """A feature bank file is malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """The ``extract`` section of params.yaml."""
+
+    batch_size: int
+    device: str  # auto | cpu | cuda
+    patch_dtype: str  # float16 | float32
+    seed: int
+
+
+def extract_settings(params: dict) -> ExtractSettings:
+    """Validate params.yaml's ``extract`` section; errors name the key."""
+    return ExtractSettings(
+        batch_size=positive_int(params, "extract.batch_size", 8),
+        device=param(params, "extract.device", str, "auto", choices=("auto", "cpu", "cuda")),
+        patch_dtype=param(params, "extract.patch_dtype", str, "float16", choices=tuple(PATCH_DTYPES)),
+        seed=param(params, "extract.seed", int, 0),
+    )
+
+
+@dataclass(frozen=True)
+class FeatureBank:
+    train_embeddings: np.ndarray  # [N_train, D] float32
+    train_patches: np.ndarray  # [N_train, h, w, Dp] float32
+    test_embeddings: np.ndarray  # [N_test, D] float32
+    test_patches: np.ndarray  # [N_test, h, w, Dp] float32
+    train_samples: list[Sample]
+    test_samples: list[Sample]
+    info: dict
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.info["grid_size"])
+
+
+def _default_workers(device: torch.device) -> int:
+    """Decoding processes: one on CPU (the forward pass needs the cores; decoding one image
+    costs a few % of its forward), several on a GPU, which outruns one decoder easily."""
+    cpus = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, cpus - 1))
+    return 1 if cpus > 1 else 0
+
+
+def extract_split(
+    extractor: FeatureExtractor,
+    root: str | Path,
+    samples: Sequence[Sample],
+    batch_size: int,
+    *,
+    patch_dtype: str = "float32",
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of ``samples`` (images under ``root``), row i = samples[i].
+
+    Returns ``(embeddings [N, D] float32, patches [N, h, w, Dp] patch_dtype)``. Images are
+    decoded, resized and normalised by ``num_workers`` background processes (default: see
+    :func:`_default_workers`) while the model runs, so the forward pass is rarely kept waiting.
+    """
+    if patch_dtype not in PATCH_DTYPES:
+        raise ParamsError(f"params.yaml: extract.patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {patch_dtype!r}")
+    if not samples:
+        raise ValueError(f"no images to extract under {root}")
+    workers = _default_workers(extractor.device) if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(root, samples, extractor.image_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=extractor.device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+    )
+    embeddings = patches = None
+    start = 0
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress) as bar:
+        for images, _ in loader:
+            batch_embeddings, batch_patches = extractor(images)
+            if embeddings is None:
+                embeddings = np.empty((len(samples), *batch_embeddings.shape[1:]), dtype=np.float32)
+                patches = np.empty((len(samples), *batch_patches.shape[1:]), dtype=PATCH_DTYPES[patch_dtype])
+            stop = start + len(images)
+            embeddings[start:stop] = batch_embeddings.numpy()
+            with np.errstate(over="ignore"):  # float16 overflow becomes inf, which write_bank reports
+                patches[start:stop] = batch_patches.numpy()  # cast to the storage dtype on copy
+            start = stop
+            bar.update(len(images))
+    return embeddings, patches
+
+
+def bank_info(backbone: str, category: str, config: dict, weights: str, extractor: FeatureExtractor, patch_dtype: str) -> dict:
+    """The ``info`` metadata of a bank: what produced it (JSON-serialisable)."""
+    return {
+        "backbone": backbone,
+        "category": category,
+        "config": config,
+        "weights": weights,
+        "weights_info": extractor.weights_info,
+        "grid_size": list(extractor.grid_size),
+        "image_size": extractor.image_size,
+        "patch_dtype": patch_dtype,
+    }
+
+
+def _check_split(split: str, embeddings: np.ndarray, patches: np.ndarray, samples: Sequence[Sample]) -> None:
+    if embeddings.ndim != 2 or patches.ndim != 4:
+        raise ValueError(
+            f"{split}: expected embeddings [N, D] and patches [N, h, w, Dp], got {list(embeddings.shape)} and {list(patches.shape)}"
+        )
+    if not len(embeddings) == len(patches) == len(samples):
+        raise ValueError(f"{split}: {len(embeddings)} embeddings, {len(patches)} patch grids and {len(samples)} samples differ")
+
+
+def write_bank(
+    path: str | Path,
+    *,
+    train_embeddings: np.ndarray,
+    train_patches: np.ndarray,
+    test_embeddings: np.ndarray,
+    test_patches: np.ndarray,
+    train_samples: Sequence[Sample],
+    test_samples: Sequence[Sample],
+    info: dict,
+) -> None:
+    """Write a bank atomically; patches are stored in ``info["patch_dtype"]``."""
+    missing = [key for key in INFO_KEYS if key not in info]
+    if missing:
+        raise ValueError(f"{path}: bank info lacks {', '.join(missing)}")
+    if info["patch_dtype"] not in PATCH_DTYPES:
+        raise ParamsError(f"params.yaml: extract.patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {info['patch_dtype']!r}")
+    _check_split("train", train_embeddings, train_patches, train_samples)
+    _check_split("test", test_embeddings, test_patches, test_samples)
+    if train_patches.shape[1:] != test_patches.shape[1:] or train_embeddings.shape[1] != test_embeddings.shape[1]:
+        raise ValueError(f"{path}: train and test feature shapes differ ({train_patches.shape[1:]} vs {test_patches.shape[1:]})")
+    patch_dtype = PATCH_DTYPES[info["patch_dtype"]]
+    with np.errstate(over="ignore"):  # overflow to inf is reported below, naming the fix
+        arrays = {
+            "train_embeddings": np.asarray(train_embeddings, dtype=np.float32),
+            "train_patches": np.asarray(train_patches, dtype=patch_dtype),
+            "test_embeddings": np.asarray(test_embeddings, dtype=np.float32),
+            "test_patches": np.asarray(test_patches, dtype=patch_dtype),
+        }
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise ValueError(
+                f"{path}: {name} holds inf/NaN values as {array.dtype}"
+                + ("; set extract.patch_dtype: float32 (features exceed the float16 range)" if array.dtype == np.float16 else "")
+            )
+    metadata = {
+        "info": info,
+        "train_samples": [sample.to_dict() for sample in train_samples],
+        "test_samples": [sample.to_dict() for sample in test_samples],
+    }
+    save_arrays(path, arrays, metadata)
+
+
+def read_bank(path: str | Path) -> FeatureBank:
+    """Read a bank written by :func:`write_bank`; patch grids come back as float32."""
+    arrays, metadata = load_arrays(path)
+    missing = [name for name in ARRAY_NAMES if name not in arrays] + [
+        key for key in ("info", "train_samples", "test_samples") if key not in metadata
+    ]
+    if missing:
+        raise FeatureBankError(f"{path}: not a vitad feature bank (lacks {', '.join(missing)}); re-run the extract stage (dvc repro)")
+    try:
+        train_samples = [Sample.from_dict(record) for record in metadata["train_samples"]]
+        test_samples = [Sample.from_dict(record) for record in metadata["test_samples"]]
+    except TypeError as error:
+        raise FeatureBankError(f"{path}: malformed sample metadata ({error}); re-run the extract stage (dvc repro)") from error
+    bank = FeatureBank(
+        train_embeddings=arrays["train_embeddings"].astype(np.float32, copy=False),
+        train_patches=arrays["train_patches"].astype(np.float32, copy=False),
+        test_embeddings=arrays["test_embeddings"].astype(np.float32, copy=False),
+        test_patches=arrays["test_patches"].astype(np.float32, copy=False),
+        train_samples=train_samples,
+        test_samples=test_samples,
+        info=metadata["info"],
+    )
+    try:
+        _check_split("train", bank.train_embeddings, bank.train_patches, bank.train_samples)
+        _check_split("test", bank.test_embeddings, bank.test_patches, bank.test_samples)
+    except ValueError as error:
+        raise FeatureBankError(f"{path}: {error}; re-run the extract stage (dvc repro)") from error
+    return bank
