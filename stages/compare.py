@@ -3,7 +3,9 @@
 Columns are the selected test images (same rule as the heatmap stage: first
 heatmap.examples_per_defect per defect type, then heatmap.good_examples good ones); the first
 two rows show the images and their ground truth, then one row of anomaly-map overlays per
-backbone x method (directories under --scores, sorted), each with its own colourbar.
+backbone x method of pipeline.backbones x pipeline.methods (in params order), each with its own
+colourbar. Rows come from params, not from listing --scores, so score directories left behind by
+a backbone or method since removed from the pipeline never show up.
 
 Writes <out>/<category>.png (a DVC image-plot directory).
 """
@@ -16,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.heatmap import FigureSettings, ScoresError, read_category_scores, render_comparison  # noqa: E402
+from vitad.heatmap import FigureSettings, read_category_scores, render_comparison  # noqa: E402
 from vitad.params import load_params, string_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--scores", required=True, type=Path, help="directory holding <backbone>-<method>/ score dirs")
+    parser.add_argument("--scores", required=True, type=Path, help="directory holding the <backbone>-<method>/ score directories")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (MVTec layout)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -31,9 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     categories = string_list(params, "data.categories")
     settings = FigureSettings.from_params(params)
-    score_dirs = sorted(p for p in args.scores.iterdir() if p.is_dir() and not p.name.startswith(".")) if args.scores.is_dir() else []
-    if not score_dirs:
-        raise ScoresError(f"{args.scores}: no <backbone>-<method> score directories (run the score stages first)")
+    score_dirs = [
+        args.scores / f"{backbone}-{method}"
+        for backbone in string_list(params, "pipeline.backbones")
+        for method in string_list(params, "pipeline.methods")
+    ]
 
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in sorted(args.out.glob("*.png")):

@@ -221,8 +221,10 @@ def _write_scores(scores_root: Path, data_root: Path, backbone: str, method: str
 def pipeline_dir(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     _write_scores(root / "scores", tiny_dataset, "resnet50", "knn", {"mode": "random", "seed": 0}, grid=8)
-    _write_scores(root / "scores", tiny_dataset, "dinov2_vitb14", "mahalanobis", {"mode": "pretrained", "source": "x"}, grid=6)
-    params = {"data": {"categories": CATEGORIES}, "heatmap": {"sigma": 4, "examples_per_defect": 1, "good_examples": 1, "dpi": 40}}
+    _write_scores(root / "scores", tiny_dataset, "dinov2_vitb14", "knn", {"mode": "pretrained", "source": "x"}, grid=6)
+    (root / "scores" / "removed_backbone-knn").mkdir()  # left behind by an earlier pipeline: not a row
+    params = {"pipeline": {"backbones": ["resnet50", "dinov2_vitb14"], "methods": ["knn"]},
+              "data": {"categories": CATEGORIES}, "heatmap": {"sigma": 4, "examples_per_defect": 1, "good_examples": 1, "dpi": 40}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -295,7 +297,7 @@ def test_comparison_refuses_rows_scored_on_different_test_images(pipeline_dir, t
 
 def test_titles_say_backbone_method_category_defect_score_and_random_weights(pipeline_dir):
     random = read_category_scores(pipeline_dir / "scores" / "resnet50-knn" / "washer.safetensors")
-    pretrained = read_category_scores(pipeline_dir / "scores" / "dinov2_vitb14-mahalanobis" / "washer.safetensors")
+    pretrained = read_category_scores(pipeline_dir / "scores" / "dinov2_vitb14-knn" / "washer.safetensors")
     index = next(i for i, s in enumerate(random.test_samples) if s.defect == "crack")
     title = figure_title(random, index)
     for part in ("resnet50", "knn", "washer", "crack", f"{random.image_scores[index]:.4g}", "random weights"):
