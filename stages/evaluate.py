@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(info_path(args.metrics), run_info(run))
     for name, table in curve_tables(run).items():
         write_text(args.plots / f"{name}.csv", table)
-    mean = record["mean"]
+    mean = {name: "n/a" if value is None else f"{value:.4f}" for name, value in record["mean"].items()}
     print(
         f"{run.backbone} · {run.method}: mean image AUROC {mean['image_auroc']}, pixel AUROC "
         f"{mean['pixel_auroc']}, AU-PRO {mean['aupro']} -> {args.metrics}, {args.plots}"
