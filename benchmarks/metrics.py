@@ -24,9 +24,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.data import index_category, split_samples  # noqa: E402
+from vitad.data import index_category, sample_mask, split_samples  # noqa: E402
 from vitad.evaluation import evaluate_category  # noqa: E402
-from vitad.heatmap import anomaly_map  # noqa: E402
+from vitad.heatmap import anomaly_map, read_category_scores  # noqa: E402
 from vitad.io import save_arrays  # noqa: E402
 from vitad.metrics import pixel_metrics  # noqa: E402
 
@@ -114,9 +114,6 @@ def main() -> None:
         print("  curve points: " + ", ".join(f"{name} {len(x)}" for name, (x, _) in curves.items()))
 
         # Breakdown: the maps alone, then the pixel metrics alone on maps held in memory.
-        from vitad.heatmap import read_category_scores
-        from vitad.data import sample_mask
-
         scores = read_category_scores(scores_path)
         start = time.perf_counter()
         maps = [anomaly_map(grid, tuple(s.original_size), args.sigma) for grid, s in zip(scores.patch_scores, scores.test_samples)]
