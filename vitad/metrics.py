@@ -13,9 +13,11 @@ Pixel metrics rank all pixels of all images with ONE sort: each pixel becomes a 
 float32 score mapped to an order-preserving integer in the high half, its ground-truth region
 id in the low half, 0 for normal pixels), and the sorted keys are swept in chunks that keep
 running counts. This sort is about 5x faster than ``np.argsort`` on float32 and needs 8 bytes per
-pixel (about 1 GB for 120 images of 1024 x 1024), where scikit-learn's ``roc_curve`` keeps
-several float64 and int64 copies per pixel. Pixel maps are compared in float32, the dtype of
-:func:`vitad.heatmap.anomaly_map`: scores that differ only beyond float32 precision are ties.
+pixel (about 1 GB for 120 images of 1024 x 1024). Measured on 21 M pixels (20 images of
+1024 x 1024, 2 shared cores): scikit-learn's roc_auc_score + average_precision_score take 40 s
+and 1.4 GB peak; :func:`pixel_metrics` gives both plus AU-PRO and F1-max in 5 s and 0.7 GB.
+Pixel maps are compared in float32, the dtype of :func:`vitad.heatmap.anomaly_map`: scores
+that differ only beyond float32 precision are ties.
 
 Undefined metrics: a set with no positive (defective image / anomalous pixel) or no negative
 sample gives NaN and an :class:`UndefinedMetricWarning`; the curve functions raise ValueError.
