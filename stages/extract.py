@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitad.backbones import WEIGHTS_MODES, build_extractor, resolve_device  # noqa: E402
 from vitad.cli import run_stage  # noqa: E402
-from vitad.data import index_category, split_samples  # noqa: E402
-from vitad.featurebank import bank_info, extract_settings, extract_split, write_bank  # noqa: E402
+from vitad.data import index_category  # noqa: E402
+from vitad.featurebank import bank_info, extract_category, extract_settings, write_bank  # noqa: E402
 from vitad.params import load_params, param  # noqa: E402
 
 
@@ -38,29 +38,20 @@ def main(argv: list[str] | None = None) -> None:
     extractor = build_extractor(args.backbone, backbone_config, weights, device, settings.seed)
 
     samples = index_category(args.data, args.category)
-    train, test = split_samples(samples, "train"), split_samples(samples, "test")
     start = time.perf_counter()
-    # One pass over train + test (index order: train first): one loader, full batches.
-    embeddings, patches = extract_split(
-        extractor, args.data, train + test, settings.batch_size,
+    bank = extract_category(
+        extractor, args.data, samples, settings.batch_size,
         patch_dtype=settings.patch_dtype, desc=f"{args.backbone}/{args.category}",
     )
     elapsed = time.perf_counter() - start
-    write_bank(
-        args.out,
-        train_embeddings=embeddings[: len(train)],
-        train_patches=patches[: len(train)],
-        test_embeddings=embeddings[len(train):],
-        test_patches=patches[len(train):],
-        train_samples=train,
-        test_samples=test,
-        info=bank_info(args.backbone, args.category, backbone_config, weights, extractor, settings.patch_dtype),
-    )
+    info = bank_info(args.backbone, args.category, backbone_config, weights, extractor, settings.patch_dtype)
+    write_bank(args.out, **bank, info=info)
     print(
-        f"{args.backbone}/{args.category}: {len(samples)} images in {elapsed:.1f} s = {len(samples) / elapsed:.2f} img/s "
+        f"{args.backbone}/{args.category}: {len(samples)} images in {elapsed:.1f} s = "
+        f"{len(samples) / elapsed:.2f} img/s "
         f"({device.type}, {extractor.precision}, batch {settings.batch_size}, {weights} weights: "
         f"{extractor.weights_info['source']}); grid {extractor.grid_size[0]}x{extractor.grid_size[1]}, "
-        f"patch dim {patches.shape[-1]} -> {args.out}"
+        f"patch dim {bank['train_patches'].shape[-1]} -> {args.out}"
     )
 
 

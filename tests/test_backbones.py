@@ -6,9 +6,10 @@ import urllib.error
 
 import huggingface_hub.constants
 import pytest
+import safetensors.torch
 import torch
 import torchvision
-from transformers import Dinov2Config, Dinov2Model, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
+from transformers import Dinov2Config, Dinov2Model, ViTMAEConfig, ViTMAEForPreTraining
 
 from vitad.backbones import BACKBONES, WeightsUnavailableError, build_extractor
 from vitad.params import ParamsError
@@ -24,6 +25,10 @@ def _vit(family: str, image_size: int, **extra) -> dict:
 def _resnet(arch: str = "resnet18", image_size: int = 64, **extra) -> dict:
     return {"family": "torchvision_resnet", "arch": arch, "pretrained": "IMAGENET1K_V1", "image_size": image_size,
             "layers": ["layer2", "layer3"], "image_embedding": "pooled", **extra}
+
+
+def _tiny_dinov2_config() -> Dinov2Config:
+    return Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
 def _images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -79,7 +84,8 @@ def test_mae_loads_a_pretraining_checkpoint_like_the_hub_one(tmp_path):
                           decoder_num_attention_heads=2, decoder_intermediate_size=32)
     saved = ViTMAEForPreTraining(config).eval()
     saved.save_pretrained(tmp_path / "mae")
-    extractor = build_extractor("mae", {"family": "mae", "pretrained": str(tmp_path / "mae"), "image_size": 32}, "pretrained")
+    config = {"family": "mae", "pretrained": str(tmp_path / "mae"), "image_size": 32}
+    extractor = build_extractor("mae", config, "pretrained")
     _assert_same_weights(extractor.model, saved.vit.state_dict())
     assert extractor.model.config.mask_ratio == 0.0
     assert extractor.grid_size == (4, 4)
@@ -110,7 +116,8 @@ def test_missing_local_directory_names_backbone_key_and_how(tmp_path):
 def test_hub_id_offline_fails_without_falling_back(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     config = {"family": "mae", "pretrained": "vitad-tests/not-cached-mae", "image_size": 32}
-    with pytest.raises(WeightsUnavailableError, match=r"mae_vitb16.*vitad-tests/not-cached-mae.*backbones\.mae_vitb16\.pretrained"):
+    expected = r"mae_vitb16.*vitad-tests/not-cached-mae.*backbones\.mae_vitb16\.pretrained"
+    with pytest.raises(WeightsUnavailableError, match=expected):
         build_extractor("mae_vitb16", config, "pretrained")
 
 
@@ -139,9 +146,19 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 def test_checkpoint_of_another_model_type_is_refused(tmp_path):
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "d")
+    Dinov2Model(_tiny_dinov2_config()).save_pretrained(tmp_path / "d")
     with pytest.raises(WeightsUnavailableError, match="'dinov2' model, family needs 'vit_mae'"):
         build_extractor("mae", {"family": "mae", "pretrained": str(tmp_path / "d"), "image_size": 32}, "pretrained")
+
+
+def test_checkpoint_missing_a_tensor_is_refused_not_filled_randomly(tmp_path):
+    Dinov2Model(_tiny_dinov2_config()).save_pretrained(tmp_path / "d")
+    weights_file = tmp_path / "d" / "model.safetensors"
+    tensors = safetensors.torch.load_file(weights_file)
+    del tensors["layernorm.weight"]
+    safetensors.torch.save_file(tensors, weights_file, metadata={"format": "pt"})
+    with pytest.raises(WeightsUnavailableError, match=r"lacks weights for 1 tensors .*layernorm\.weight.*refusing"):
+        build_extractor("dino", {"family": "dinov2", "pretrained": str(tmp_path / "d"), "image_size": 28}, "pretrained")
 
 
 def test_architecture_overrides_are_refused_with_pretrained_weights(tmp_path):
@@ -235,6 +252,24 @@ def test_resnet_patches_are_locally_averaged_layers_on_the_layer2_grid():
     torch.testing.assert_close(patches[0, :, :, 128:], upsampled[0].permute(1, 2, 0))
     averaged = build_extractor("r18", _resnet(), "random")(images)[1]
     assert not torch.allclose(averaged, patches)
+
+
+def test_resnet_image_embedding_options_and_extract_into_float16():
+    images = _images(2, 64)
+    pooled = build_extractor("r18", _resnet(), "random")
+    embeddings, patches = pooled(images)
+    layer3 = pooled.bare_forward(pooled.prepare(images))["layer3"]
+    assert pooled.embedding_dim == 256 and pooled.patch_dim == 128 + 256
+    torch.testing.assert_close(embeddings, layer3.mean(dim=(2, 3)))
+    mean = build_extractor("r18", _resnet(image_embedding="mean"), "random")
+    mean_embeddings, _ = mean(images)
+    assert mean.embedding_dim == 384
+    torch.testing.assert_close(mean_embeddings, patches.mean(dim=(1, 2)))
+    half_embeddings = torch.empty(2, 256, dtype=torch.float16)
+    half_patches = torch.empty(2, 8, 8, 384, dtype=torch.float16)
+    pooled.extract_into(images, half_embeddings, half_patches)
+    torch.testing.assert_close(half_patches, patches.half())
+    torch.testing.assert_close(half_embeddings, embeddings.half())
 
 
 def test_vit_layer_and_image_embedding_options():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from safetensors import safe_open
 
@@ -112,7 +111,8 @@ def test_read_bank_names_the_file_when_it_is_not_a_bank(tmp_path):
 
 
 def test_extract_settings_validate_and_name_the_key():
-    assert extract_settings({"extract": {"batch_size": 4, "device": "cpu", "patch_dtype": "float32", "seed": 1}}).batch_size == 4
+    settings = extract_settings({"extract": {"batch_size": 4, "device": "cpu", "patch_dtype": "float32", "seed": 1}})
+    assert (settings.batch_size, settings.device, settings.patch_dtype, settings.seed) == (4, "cpu", "float32", 1)
     with pytest.raises(ParamsError, match="extract.batch_size must be a positive integer"):
         extract_settings({"extract": {"batch_size": 0}})
     with pytest.raises(ParamsError, match="extract.patch_dtype must be one of float16, float32"):

@@ -69,14 +69,27 @@ class FeatureExtractor:
     """A frozen model plus the post-processing that turns its outputs into features.
 
     ``extractor(images)`` with images [B, 3, S, S] (S == ``image_size``) returns
-    ``(image_embeddings [B, D], patch_grid [B, h, w, Dp])``, float32 on the CPU, patch grid in
-    raster order (row i, column j covers input pixels of row band i, column band j).
+    ``(image_embeddings [B, embedding_dim], patch_grid [B, h, w, patch_dim])``, float32 on the
+    CPU, patch grid in raster order (row i, column j covers input pixels of row band i, column
+    band j). :meth:`extract_into` writes the same features into preallocated arrays instead.
     """
 
-    def __init__(self, model: torch.nn.Module, *, image_size: int, grid_size: tuple[int, int], weights_info: dict, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        image_size: int,
+        grid_size: tuple[int, int],
+        embedding_dim: int,
+        patch_dim: int,
+        weights_info: dict,
+        device: torch.device,
+    ):
         self.model = model.eval().requires_grad_(False).to(device)
         self.image_size = image_size
         self.grid_size = grid_size
+        self.embedding_dim = embedding_dim
+        self.patch_dim = patch_dim
         self.weights_info = weights_info
         self.device = device
         if device.type == "cuda":
@@ -104,10 +117,18 @@ class FeatureExtractor:
             return self._model_forward(pixels)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_embeddings = torch.empty(len(images), self.embedding_dim)
+        patch_grid = torch.empty(len(images), *self.grid_size, self.patch_dim)
+        self.extract_into(images, image_embeddings, patch_grid)
+        return image_embeddings, patch_grid
+
+    def extract_into(self, images: torch.Tensor, image_embeddings: torch.Tensor, patch_grid: torch.Tensor) -> None:
+        """Write the features of ``images`` into CPU tensors [B, embedding_dim] and
+        [B, h, w, patch_dim] of any float dtype (e.g. views of a bank's arrays); the dtype
+        conversion happens in the copy itself, so no intermediate arrays are made."""
         pixels = self.prepare(images)
         with torch.inference_mode(), self._autocast():
-            image_embeddings, patch_grid = self._features(self._model_forward(pixels))
-        return image_embeddings.float().cpu(), patch_grid.float().cpu()
+            self._write_features(self._model_forward(pixels), image_embeddings, patch_grid)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -115,15 +136,23 @@ class FeatureExtractor:
     def _model_forward(self, pixels: torch.Tensor) -> Any:
         raise NotImplementedError
 
-    def _features(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _write_features(self, outputs: Any, image_embeddings: torch.Tensor, patch_grid: torch.Tensor) -> None:
         raise NotImplementedError
+
+
+def _copy(destination: torch.Tensor, values: torch.Tensor) -> None:
+    """destination <- values; from a GPU, convert there first so only the final dtype travels."""
+    destination.copy_(values if values.device == destination.device else values.to(destination.dtype))
 
 
 class ResNetExtractor(FeatureExtractor):
     """PatchCore-style locally averaged, multi-layer CNN features."""
 
-    def __init__(self, trunk: torch.nn.Module, *, layers: list[str], local_average: int, image_embedding: str, **kwargs):
-        # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU).
+    def __init__(
+        self, trunk: torch.nn.Module, *, layers: list[str], local_average: int, image_embedding: str, **kwargs
+    ):
+        # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
+        # and makes each [B, C, h, w] map a contiguous [B, h, w, C] patch grid.
         super().__init__(trunk.to(memory_format=torch.channels_last), **kwargs)
         self.layers = layers
         self.local_average = local_average
@@ -135,8 +164,10 @@ class ResNetExtractor(FeatureExtractor):
     def _model_forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(pixels)  # layer name -> [B, C, h_layer, w_layer]
 
-    def _features(self, feature_maps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = []
+    def _write_features(
+        self, feature_maps: dict[str, torch.Tensor], image_embeddings: torch.Tensor, patch_grid: torch.Tensor
+    ) -> None:
+        offset = 0
         for name in self.layers:
             feature_map = feature_maps[name]
             if self.local_average > 1:
@@ -147,13 +178,15 @@ class ResNetExtractor(FeatureExtractor):
                 )
             if tuple(feature_map.shape[-2:]) != self.grid_size:
                 feature_map = F.interpolate(feature_map, size=self.grid_size, mode="bilinear", align_corners=False)
-            parts.append(feature_map)
-        patch_grid = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # [B, C, h, w] -> [B, h, w, C]
+            channels = feature_map.shape[1]
+            # Each layer's channels go straight into their slice of the grid (no concatenated copy);
+            # permute: [B, C, h, w] -> [B, h, w, C].
+            _copy(patch_grid[..., offset : offset + channels], feature_map.permute(0, 2, 3, 1))
+            if self.image_embedding == "mean":
+                _copy(image_embeddings[:, offset : offset + channels], feature_map.mean(dim=(2, 3)))
+            offset += channels
         if self.image_embedding == "pooled":
-            image_embeddings = feature_maps[self.layers[-1]].mean(dim=(2, 3))
-        else:
-            image_embeddings = patch_grid.mean(dim=(1, 2))
-        return image_embeddings, patch_grid
+            _copy(image_embeddings, feature_maps[self.layers[-1]].mean(dim=(2, 3)))
 
 
 class ViTExtractor(FeatureExtractor):
@@ -166,13 +199,11 @@ class ViTExtractor(FeatureExtractor):
     def _tokens(self, outputs: Any) -> torch.Tensor:
         return outputs.last_hidden_state
 
-    def _features(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _write_features(self, outputs: Any, image_embeddings: torch.Tensor, patch_grid: torch.Tensor) -> None:
         tokens = self._tokens(outputs)
         patch_tokens = tokens[:, 1:]
-        height, width = self.grid_size
-        patch_grid = patch_tokens.reshape(tokens.shape[0], height, width, tokens.shape[-1])  # [B, h*w, D] -> [B, h, w, D]
-        image_embeddings = tokens[:, 0] if self.image_embedding == "cls" else patch_tokens.mean(dim=1)
-        return image_embeddings, patch_grid
+        _copy(patch_grid, patch_tokens.reshape(patch_grid.shape))  # [B, h*w, D] -> [B, h, w, D]
+        _copy(image_embeddings, tokens[:, 0] if self.image_embedding == "cls" else patch_tokens.mean(dim=1))
 
 
 class Dinov2Extractor(ViTExtractor):
@@ -244,6 +275,12 @@ def _resnet_grid(image_size: int, layer: str) -> tuple[int, int]:
     return side, side
 
 
+def _resnet_channels(model: torch.nn.Module, layer: str) -> int:
+    """Output channels of a torchvision ResNet layer (its last block's last convolution)."""
+    block = getattr(model, layer)[-1]
+    return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
+
+
 def _load_resnet_weights(name: str, arch: str, source: str, model: torch.nn.Module) -> dict:
     """Load torchvision weights (by name) or a state_dict file into ``model``; returns weights_info."""
     import torchvision
@@ -260,7 +297,8 @@ def _load_resnet_weights(name: str, arch: str, source: str, model: torch.nn.Modu
             state_dict = weights.get_state_dict(progress=False)
         except (OSError, RuntimeError) as error:
             raise WeightsUnavailableError(
-                f"{name}: torchvision weights {arch} {source} ({key}) could not be loaded from {weights.url} ({error}); {how}"
+                f"{name}: torchvision weights {arch} {source} ({key}) could not be loaded from {weights.url} "
+                f"({error}); {how}"
             ) from error
         weights_info = {"mode": "pretrained", "source": source, "url": weights.url}
     else:
@@ -273,16 +311,23 @@ def _load_resnet_weights(name: str, arch: str, source: str, model: torch.nn.Modu
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # a bad file raises many exception types; all mean "not a state_dict"
-            raise WeightsUnavailableError(f"{name}: {path} ({key}) is not a loadable state_dict ({error}); {how}") from error
+            raise WeightsUnavailableError(
+                f"{name}: {path} ({key}) is not a loadable state_dict ({error}); {how}"
+            ) from error
         weights_info = {"mode": "pretrained", "source": source, "sha256": _sha256([path])}
     if not isinstance(state_dict, dict):
         raise WeightsUnavailableError(f"{name}: {source} ({key}) does not hold a state_dict; {how}")
     try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
+        incompatible = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # tensors of the wrong shape
+        detail = " ".join(str(error).split())[:400]
+        raise WeightsUnavailableError(f"{name}: {source} ({key}) does not match {arch}: {detail}; {how}") from error
+    if incompatible.missing_keys or incompatible.unexpected_keys:
         raise WeightsUnavailableError(
-            f"{name}: {source} ({key}) does not match {arch}: {str(error).splitlines()[0]} ...; {how}"
-        ) from error
+            f"{name}: {source} ({key}) does not match {arch}: {len(incompatible.missing_keys)} missing tensors "
+            f"{incompatible.missing_keys[:3]}, {len(incompatible.unexpected_keys)} unexpected "
+            f"{incompatible.unexpected_keys[:3]}; {how}"
+        )
     return weights_info
 
 
@@ -290,18 +335,24 @@ def build_resnet(name: str, config: dict, weights: str, device: torch.device, se
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    _check_keys(name, config, {"family", "arch", "pretrained", "image_size", "layers", "local_average", "image_embedding"})
+    _check_keys(
+        name, config, {"family", "arch", "pretrained", "image_size", "layers", "local_average", "image_embedding"}
+    )
     params = {"backbones": {name: config}}
     key = f"backbones.{name}"
     arch = param(params, f"{key}.arch", str, "resnet50", choices=RESNET_ARCHS)
     image_size = positive_int(params, f"{key}.image_size", 224)
     layers = param(params, f"{key}.layers", list, ["layer2", "layer3"])
     if not layers or any(layer not in RESNET_LAYERS for layer in layers) or len(set(layers)) != len(layers):
-        raise ParamsError(f"params.yaml: {key}.layers must be a non-empty list of distinct {', '.join(RESNET_LAYERS)}; got {layers!r}")
+        raise ParamsError(
+            f"params.yaml: {key}.layers must be a non-empty list of distinct {', '.join(RESNET_LAYERS)}; got {layers!r}"
+        )
     layers = sorted(layers, key=RESNET_LAYERS.index)
     local_average = positive_int(params, f"{key}.local_average", 3)
     if local_average % 2 == 0:
-        raise ParamsError(f"params.yaml: {key}.local_average must be odd (a centred neighbourhood), got {local_average}")
+        raise ParamsError(
+            f"params.yaml: {key}.local_average must be odd (a centred neighbourhood), got {local_average}"
+        )
     image_embedding = param(params, f"{key}.image_embedding", str, "pooled", choices=("pooled", "mean"))
 
     if weights == "random":
@@ -311,6 +362,7 @@ def build_resnet(name: str, config: dict, weights: str, device: torch.device, se
         source = param(params, f"{key}.pretrained", str)
         model = torchvision.models.get_model(arch, weights=None)
         weights_info = _load_resnet_weights(name, arch, source, model)
+    channels = [_resnet_channels(model, layer) for layer in layers]
     # Graph truncated after the deepest requested layer: layer4 / fc are never computed.
     trunk = create_feature_extractor(model, return_nodes={layer: layer for layer in layers})
     return ResNetExtractor(
@@ -320,6 +372,8 @@ def build_resnet(name: str, config: dict, weights: str, device: torch.device, se
         image_embedding=image_embedding,
         image_size=image_size,
         grid_size=_resnet_grid(image_size, layers[0]),
+        embedding_dim=channels[-1] if image_embedding == "pooled" else sum(channels),
+        patch_dim=sum(channels),
         weights_info=weights_info,
         device=device,
     )
@@ -336,23 +390,30 @@ def _hf_config(name: str, config_class, overrides: dict):
         raise ParamsError(f"params.yaml: {key} must be a mapping of {config_class.__name__} fields, got {overrides!r}")
     overrides = dict(overrides)
     defaults = config_class()
-    if "intermediate_size" in overrides and not hasattr(defaults, "intermediate_size") and hasattr(defaults, "mlp_ratio"):
+    if "intermediate_size" in overrides and hasattr(defaults, "mlp_ratio"):
         # Dinov2Config sizes its MLP by mlp_ratio; accept the usual ViT key and translate it.
         hidden_size = overrides.get("hidden_size", defaults.hidden_size)
         intermediate_size = overrides.pop("intermediate_size")
         if not isinstance(intermediate_size, int) or intermediate_size % hidden_size:
-            raise ParamsError(f"params.yaml: {key}.intermediate_size must be a multiple of hidden_size ({hidden_size}), got {intermediate_size!r}")
+            raise ParamsError(
+                f"params.yaml: {key}.intermediate_size must be a multiple of hidden_size ({hidden_size}), "
+                f"got {intermediate_size!r}"
+            )
         overrides["mlp_ratio"] = intermediate_size // hidden_size
     unknown = sorted(field for field in overrides if not hasattr(defaults, field))
     if unknown:
-        raise ParamsError(f"params.yaml: {key} has key(s) {', '.join(unknown)} that {config_class.__name__} does not define")
+        raise ParamsError(
+            f"params.yaml: {key} has key(s) {', '.join(unknown)} that {config_class.__name__} does not define"
+        )
     try:
         return config_class(**overrides)
     except (TypeError, ValueError) as error:
         raise ParamsError(f"params.yaml: {key}: {error}") from error
 
 
-def _load_hf_model(name: str, model_class, model_type: str, source: str, config_overrides: dict) -> tuple[torch.nn.Module, dict]:
+def _load_hf_model(
+    name: str, model_class: type, model_type: str, source: str, config_overrides: dict
+) -> tuple[torch.nn.Module, dict]:
     """Load ``model_class`` from a save_pretrained directory or a hub id (cache first, then the
     network); refuse checkpoints of another model type or with missing weights."""
     from transformers import AutoConfig
@@ -369,25 +430,34 @@ def _load_hf_model(name: str, model_class, model_type: str, source: str, config_
     elif _HUB_ID.fullmatch(source) and not directory.exists():
         attempts = [{"local_files_only": True}, {}]  # the local cache first: no network round trip
     else:
-        raise WeightsUnavailableError(f"{name}: {key} = {source!r} is not a directory written with save_pretrained nor a hub id; {how}")
+        raise WeightsUnavailableError(
+            f"{name}: {key} = {source!r} is not a directory written with save_pretrained nor a hub id; {how}"
+        )
     errors = []
     for options in attempts:
         try:
             config = AutoConfig.from_pretrained(source, **options)
-            if config.model_type != model_type:
-                raise WeightsUnavailableError(
-                    f"{name}: {source} ({key}) holds a {config.model_type!r} model, family needs {model_type!r}; {how}"
-                )
-            for field, value in config_overrides.items():
-                setattr(config, field, value)
-            model, loading_info = model_class.from_pretrained(
-                source, config=config, dtype=torch.float32, output_loading_info=True, **options
-            )
             break
-        except OSError as error:
-            errors.append(str(error).splitlines()[0])
+        except (OSError, ValueError) as error:  # not found, offline, or an unreadable config.json
+            errors.append(" ".join(str(error).split()))
     else:
-        raise WeightsUnavailableError(f"{name}: pretrained weights {source!r} ({key}) are not available ({errors[-1]}); {how}")
+        raise WeightsUnavailableError(
+            f"{name}: pretrained weights {source!r} ({key}) are not available ({errors[-1]}); {how}"
+        )
+    if config.model_type != model_type:
+        raise WeightsUnavailableError(
+            f"{name}: {source} ({key}) holds a {config.model_type!r} model, family needs {model_type!r}; {how}"
+        )
+    for field, value in config_overrides.items():
+        setattr(config, field, value)
+    try:
+        model, loading_info = model_class.from_pretrained(
+            source, config=config, dtype=torch.float32, output_loading_info=True, **options
+        )
+    except (OSError, ValueError) as error:
+        raise WeightsUnavailableError(
+            f"{name}: weights of {source!r} ({key}) cannot be loaded ({error}); {how}"
+        ) from error
     missing = list(loading_info["missing_keys"]) + [str(entry) for entry in loading_info.get("mismatched_keys", [])]
     if missing:
         raise WeightsUnavailableError(
@@ -415,7 +485,9 @@ class _ViTFamily:
     runtime_config: dict  # config fields forced for feature extraction
 
 
-def _build_vit(name: str, config: dict, weights: str, device: torch.device, seed: int, family: _ViTFamily) -> FeatureExtractor:
+def _build_vit(
+    name: str, config: dict, weights: str, device: torch.device, seed: int, family: _ViTFamily
+) -> FeatureExtractor:
     _check_keys(name, config, {"family", "pretrained", "image_size", "layer", "image_embedding", "config"})
     params = {"backbones": {name: config}}
     key = f"backbones.{name}"
@@ -441,7 +513,9 @@ def _build_vit(name: str, config: dict, weights: str, device: torch.device, seed
 
     patch_size = _pair(model.config.patch_size)[0]
     if image_size % patch_size:
-        raise ParamsError(f"params.yaml: {key}.image_size must be a multiple of the patch size {patch_size}, got {image_size}")
+        raise ParamsError(
+            f"params.yaml: {key}.image_size must be a multiple of the patch size {patch_size}, got {image_size}"
+        )
     blocks = _transformer_blocks(model)
     if not (1 <= layer <= len(blocks) or -len(blocks) <= layer <= -1):
         raise ParamsError(f"params.yaml: {key}.layer must be in 1..{len(blocks)} or -{len(blocks)}..-1, got {layer}")
@@ -453,6 +527,8 @@ def _build_vit(name: str, config: dict, weights: str, device: torch.device, seed
         image_embedding=image_embedding,
         image_size=image_size,
         grid_size=(side, side),
+        embedding_dim=model.config.hidden_size,
+        patch_dim=model.config.hidden_size,
         weights_info=weights_info,
         device=device,
     )
@@ -489,7 +565,9 @@ BACKBONES: dict[str, Callable[[str, dict, str, torch.device, int], FeatureExtrac
 }
 
 
-def build_extractor(name: str, config: dict, weights: str, device: str | torch.device = "cpu", seed: int = 0) -> FeatureExtractor:
+def build_extractor(
+    name: str, config: dict, weights: str, device: str | torch.device = "cpu", seed: int = 0
+) -> FeatureExtractor:
     """Build the extractor described by ``backbones.<name>`` (``config``) under the global
     ``weights`` switch. Loads (or randomly initialises) everything before returning, so missing
     weights fail here, before any image is read."""
