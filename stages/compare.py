@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.heatmap import FigureSettings, read_category_scores, render_comparison  # noqa: E402
+from vitad.figures import FigureSettings, render_comparison  # noqa: E402
+from vitad.scorefile import read_category_scores  # noqa: E402
 from vitad.params import load_params, string_list  # noqa: E402
 
 

@@ -28,7 +28,7 @@ from vitad.evaluation import (  # noqa: E402
     metrics_record,
     run_info,
 )
-from vitad.heatmap import ScoresError  # noqa: E402
+from vitad.scorefile import ScoresError  # noqa: E402
 from vitad.io import write_json, write_text  # noqa: E402
 from vitad.params import load_params, param, string_list  # noqa: E402
 

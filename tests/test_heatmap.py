@@ -11,19 +11,17 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from vitad.data import Sample, index_category, sample_mask
-from vitad.heatmap import (
+from vitad.figures import (
     FigureSettings,
-    ScoresError,
-    anomaly_map,
     colour_scale,
     figure_name,
     figure_title,
-    read_category_scores,
     render_comparison,
     render_triplet,
     select_examples,
-    weights_are_random,
 )
+from vitad.heatmap import anomaly_map
+from vitad.scorefile import ScoresError, read_category_scores, weights_are_random
 from vitad.io import save_arrays
 from vitad.params import ParamsError
 
@@ -307,3 +305,14 @@ def test_titles_say_backbone_method_category_defect_score_and_random_weights(pip
 
 def test_figure_name_is_category_defect_id():
     assert figure_name(_sample("crack", "007")) == "c_crack_007.png"
+
+
+@pytest.mark.parametrize("grid_shape, size", [((16, 16), (320, 320)), ((7, 11), (48, 96)), ((28, 28), (17, 700))])
+def test_upsampling_matches_torch_bilinear_half_pixel(grid_shape, size):
+    import torch
+
+    grid = np.random.default_rng(0).normal(size=grid_shape).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(grid)[None, None], size=size, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    np.testing.assert_allclose(anomaly_map(grid, size, sigma=0), expected, atol=1e-5)

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from vitad.data import Sample, index_category, sample_mask, split_samples
-from vitad.heatmap import CategoryScores, anomaly_map, read_category_scores, weights_are_random
+from vitad.heatmap import anomaly_map
+from vitad.scorefile import CategoryScores, read_category_scores, weights_are_random
 from vitad.io import load_arrays
 from vitad.metrics import average_precision, f1_max, image_auroc, pixel_metrics, pr_curve, roc_curve
 
