@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -151,9 +153,11 @@ def sample_mask(root: str | Path, sample: Sample) -> np.ndarray:
     return load_mask(Path(root) / sample.mask_path, sample.original_size)
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+def preprocess(image: Image.Image, size: int) -> "torch.Tensor":
     """RGB PIL image -> float tensor [3, size, size]: resize WITHOUT centre crop (defects sit at
     borders too), scale to [0, 1], ImageNet mean/std normalisation."""
+    import torch  # imported here so that stages which only read metadata stay torch-free
+
     resized = image.resize((size, size), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # [S, S, 3]
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -161,8 +165,9 @@ def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     return (pixels.permute(2, 0, 1) - mean) / std
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Samples -> (image tensor [3, S, S], Sample), for a DataLoader with :func:`collate`."""
+class ImageDataset:
+    """Samples -> (image tensor [3, S, S], Sample): a map-style dataset for a torch DataLoader
+    with :func:`collate`."""
 
     def __init__(self, root: str | Path, samples: Sequence[Sample], size: int):
         self.root = Path(root)
@@ -172,12 +177,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Sample]:
+    def __getitem__(self, index: int) -> tuple["torch.Tensor", Sample]:
         sample = self.samples[index]
         return preprocess(load_rgb(self.root / sample.image_path), self.size), sample
 
 
-def collate(batch: Sequence[tuple[torch.Tensor, Sample]]) -> tuple[torch.Tensor, list[Sample]]:
+def collate(batch: Sequence[tuple["torch.Tensor", Sample]]) -> tuple["torch.Tensor", list[Sample]]:
     """Stack images to [B, 3, S, S] and keep each image's Sample (metadata) in order."""
+    import torch
+
     images, samples = zip(*batch)
     return torch.stack(images), list(samples)
