@@ -20,6 +20,7 @@ raise :class:`vitad.params.ParamsError` naming ``score.<method>.<key>``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -231,8 +232,8 @@ class _Gaussians:
     ``train_centered`` is None. With n < d (e.g. 200 images, 768 dims) the rank-n structure is
     used instead (Woodbury): ``factor`` is the Cholesky factor of K = n b I_n + a X Xᵀ for the
     centred samples X [n, d], and (x-m)ᵀ Σ⁻¹ (x-m) = (|x-m|² - a |L_K⁻¹ X (x-m)|²) / b. The fit then
-    costs n² d instead of n d² + d³ per Gaussian (PaDiM at 256 positions x 768 dims: about 2 s
-    instead of about 30 s on 2 cores).
+    costs n² d instead of n d² + d³ per Gaussian (PaDiM, 256 positions x 768 dims from 200
+    images: about 2.5 s instead of about 27 s, measured on 2 shared cores).
     """
 
     mean: torch.Tensor  # [P, d] float64
@@ -274,11 +275,12 @@ def _float64_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.empty(array.shape, dtype=torch.float64).copy_(torch.from_numpy(array))
 
 
-def _small_matrix_linalg():
-    """Batched factorisations of many small matrices run one BLAS/OpenMP thread per matrix:
-    threading each 200 x 200 Cholesky costs more in synchronisation than it saves (measured on
-    2 shared cores: 256 positions, Cholesky + triangular solve 5 s threaded, 0.6 s not)."""
-    return threadpool_limits(limits=1)
+def _batched_linalg_threads(n_matrices: int):
+    """Context for batched factorisations and triangular solves: with many matrices, one
+    BLAS/OpenMP thread per matrix, since threading each 200 x 200 Cholesky costs more in
+    synchronisation than it saves (measured on 2 shared cores: 256 positions, Cholesky +
+    triangular solve 5 s threaded, 0.6 s not); a single large matrix keeps all threads."""
+    return threadpool_limits(limits=1) if n_matrices > 1 else contextlib.nullcontext()
 
 
 def _fit_gaussians(samples: torch.Tensor, shrinkage: str, epsilon: float) -> _Gaussians:
@@ -303,7 +305,7 @@ def _fit_gaussians(samples: torch.Tensor, shrinkage: str, epsilon: float) -> _Ga
     else:
         system = (scale / n)[:, None, None] * second_moment
         system.diagonal(dim1=1, dim2=2).add_(offset[:, None])  # a S + b I
-    with _small_matrix_linalg():
+    with _batched_linalg_threads(n_gaussians):
         factor, info = torch.linalg.cholesky_ex(system)
     singular = (info > 0) | (offset <= 0) if low_rank else info > 0
     if bool(singular.any()):
@@ -329,12 +331,12 @@ def _mahalanobis_distances(gaussians: _Gaussians, queries: np.ndarray) -> np.nda
     for start in range(0, n_queries, chunk):
         centered = _float64_tensor(queries[:, start : start + chunk]).sub_(gaussians.mean[:, None, :])  # [P, c, d]
         if gaussians.train_centered is None:
-            with _small_matrix_linalg():
+            with _batched_linalg_threads(n_gaussians):
                 whitened = torch.linalg.solve_triangular(gaussians.factor, centered.mT, upper=False)  # [P, d, c]
             squared = whitened.square().sum(dim=1)
         else:
             projected = gaussians.train_centered @ centered.mT  # X (x - m) [P, n, c]
-            with _small_matrix_linalg():
+            with _batched_linalg_threads(n_gaussians):
                 solved = torch.linalg.solve_triangular(gaussians.factor, projected, upper=False)  # [P, n, c]
             squared = centered.square().sum(dim=2) - gaussians.scale[:, None] * solved.square().sum(dim=1)
             squared = squared / gaussians.offset[:, None]
