@@ -1,0 +1,173 @@
+"""vitad web demo: score uploaded images with what the pipeline produced.
+
+Run from the project root after the pipeline (``make run``):
+
+    streamlit run app/demo.py --server.address 127.0.0.1      (``make demo``)
+
+Serves the project in ``$VITAD_PROJECT`` (default: the working directory). All logic is in
+:mod:`vitad.demo`; this script only lays out the page.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import streamlit as st  # noqa: E402
+
+from vitad import demo  # noqa: E402
+
+GALLERY_COLUMNS = 4
+
+
+@st.cache_resource(max_entries=4, show_spinner="Fitting the scorer on the training features…")
+def cached_detector(root: str, backbone: str, method: str, category: str, fingerprint: str) -> demo.Detector:
+    """One fitted detector per run, shared by all sessions; ``fingerprint`` (see
+    :func:`vitad.demo.detector_fingerprint`) only keys the cache, so new pipeline outputs refit."""
+    return demo.load_detector(Path(root), demo.Run(backbone, method, category))
+
+
+def choose_run(runs: list[demo.Run]) -> demo.Run:
+    category = st.sidebar.selectbox("Category", sorted({run.category for run in runs}))
+    backbone = st.sidebar.selectbox("Backbone", sorted({run.backbone for run in runs if run.category == category}))
+    method = st.sidebar.selectbox(
+        "Method", sorted({run.method for run in runs if (run.category, run.backbone) == (category, backbone)})
+    )
+    return demo.Run(backbone, method, category)
+
+
+def choose_threshold(detector: demo.Detector) -> float:
+    low, high = detector.threshold_range
+    threshold = st.sidebar.slider(
+        "Threshold",
+        min_value=low,
+        max_value=high,
+        value=detector.threshold,
+        step=(high - low) / 1000,
+        format="%.5g",
+        key=f"threshold {detector.run.label} {detector.threshold!r}",  # a re-calibration resets it
+        help="An image is anomalous when its score is above the threshold.",
+    )
+    st.sidebar.caption(
+        f"Calibrated: {demo.format_score(detector.threshold)}, the highest score of {len(detector.holdout_scores)} "
+        "held-out training images (each scored by a model fitted without it); no test image or label is used."
+    )
+    return threshold
+
+
+def single_image(detector: demo.Detector, threshold: float) -> None:
+    upload = st.file_uploader("Upload one image", key="single")
+    if upload is None:
+        return
+    try:
+        decoded, result = demo.score_upload(detector, upload.getvalue(), upload.name)
+    except demo.UploadError as error:
+        st.error(str(error))
+        return
+    for note in decoded.notes + result.notes:
+        st.warning(f"{upload.name}: {note}")
+    score_column, decision_column = st.columns(2)
+    score_column.metric(
+        "Anomaly score",
+        demo.format_score(result.score),
+        delta=f"{result.score - threshold:+.4g} vs threshold {demo.format_score(threshold)}",
+        delta_color="inverse",
+    )
+    if result.is_anomalous(threshold):
+        decision_column.markdown("### :red[Anomalous]")
+    else:
+        decision_column.markdown("### :green[Normal]")
+    image_column, overlay_column = st.columns(2)
+    image = decoded.image
+    image_column.image(demo.display_copy(image), caption=f"{upload.name} ({image.width}x{image.height})")
+    vmin, vmax = detector.colour_scale
+    overlay_column.image(
+        demo.overlay_image(image, result.anomaly_map, detector.colour_scale),
+        caption=f"anomaly map (blue {demo.format_score(vmin)} … red {demo.format_score(vmax)})",
+    )
+
+
+def batch(detector: demo.Detector, threshold: float) -> None:
+    uploads = st.file_uploader("Upload several images", accept_multiple_files=True, key="batch")
+    if not uploads:
+        return
+    rows, gallery = [], []
+    progress = st.progress(0.0, text="Scoring…")
+    for number, upload in enumerate(uploads, start=1):
+        try:
+            decoded, result = demo.score_upload(detector, upload.getvalue(), upload.name)
+        except demo.UploadError as error:
+            rows.append(demo.BatchRow(upload.name, None, None, None, str(error)))
+        else:
+            image = decoded.image
+            notes = "; ".join(decoded.notes + result.notes)
+            row = demo.BatchRow(upload.name, image.width, image.height, result.score, notes)
+            rows.append(row)
+            gallery.append((row, demo.overlay_image(image, result.anomaly_map, detector.colour_scale)))
+        progress.progress(number / len(uploads), text=f"Scored {number} of {len(uploads)}")
+    progress.empty()
+    failed = [row for row in rows if row.score is None]
+    if failed:
+        messages = " | ".join(row.message for row in failed)
+        st.error(f"{len(failed)} of {len(rows)} files could not be scored: {messages}")
+    st.dataframe(
+        [
+            {
+                "file": row.file,
+                "score": row.score,
+                "decision": row.decision(threshold),
+                "size": "" if row.width is None else f"{row.width}x{row.height}",
+                "message": row.message,
+            }
+            for row in rows
+        ],
+        hide_index=True,
+    )
+    st.download_button(
+        "Download CSV",
+        demo.results_csv(rows, threshold, detector),
+        file_name=f"vitad-{detector.run.backbone}-{detector.run.method}-{detector.run.category}.csv",
+        mime="text/csv",
+    )
+    columns = st.columns(GALLERY_COLUMNS)
+    for index, (row, overlay) in enumerate(gallery):
+        caption = f"{row.file}: {demo.format_score(row.score)} ({row.decision(threshold)})"
+        columns[index % GALLERY_COLUMNS].image(overlay, caption=caption)
+
+
+def main() -> None:
+    st.set_page_config(page_title="vitad: anomaly detection demo", layout="wide")
+    st.title("vitad: industrial anomaly detection")
+    root = demo.project_root()
+    runs = demo.list_runs(root)
+    if not runs:
+        st.error(
+            f"No pipeline outputs under {root} (scores/<backbone>-<method>/<category>.safetensors with their "
+            f"featurebanks/<backbone>/<category>.safetensors): run the pipeline first (`make run`), or set "
+            f"{demo.PROJECT_ENV} to a project that has run it."
+        )
+        return
+    run = choose_run(runs)
+    try:
+        fingerprint = demo.detector_fingerprint(root, run)
+        detector = cached_detector(str(root), run.backbone, run.method, run.category, fingerprint)
+    except demo.LOAD_ERRORS as error:
+        st.error(f"Cannot serve {run.label}: {error}")
+        return
+    threshold = choose_threshold(detector)
+    if detector.random_weights:
+        st.warning(
+            f"{run.backbone} is randomly initialised (params.yaml weights: random): the scores show how the pipeline "
+            "works, not how well pretrained features detect defects."
+        )
+    st.caption(f"{run.label} · scores are {run.method} distances of patch features to the defect-free training images")
+    single_tab, batch_tab = st.tabs(["Single image", "Batch"])
+    with single_tab:
+        single_image(detector, threshold)
+    with batch_tab:
+        batch(detector, threshold)
+
+
+main()

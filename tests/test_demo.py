@@ -1,0 +1,423 @@
+"""Web demo: the logic in vitad.demo, and the Streamlit page driven by streamlit.testing.
+
+The served project is built by the real extract and score stages (tiny random DINOv2, tiny
+generated dataset) in a temporary directory; the page finds it through $VITAD_PROJECT.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import io
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import ExifTags, Image
+from streamlit.testing.v1 import AppTest
+
+from vitad import demo
+from vitad.data import index_category, split_samples
+from vitad.featurebank import read_bank, write_bank
+from vitad.heatmap import anomaly_map
+from vitad.scorefile import read_category_scores
+from vitad.scoring import ScoringError, aggregate_image_scores, make_scorer
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "app" / "demo.py"
+BACKBONE = "tiny_dinov2"
+CATEGORIES = ("weave", "mesh")  # an RGB and a single-channel category
+METHODS = ("knn", "mahalanobis")
+TINY_DINOV2 = {
+    "family": "dinov2",
+    "pretrained": "facebook/dinov2-base",
+    "image_size": 56,
+    "layer": -1,
+    "image_embedding": "cls",
+    "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+}
+APP_TIMEOUT_S = 60
+
+
+def _stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"demo_test_stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_project(root: Path, dataset: Path) -> Path:
+    """A project under ``root`` that has run extract and score for tiny_dinov2 x knn, mahalanobis
+    x weave, mesh (the stages' own code, params.yaml written there)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["pipeline"] = {"backbones": [BACKBONE], "methods": list(METHODS)}
+    params["data"]["categories"] = list(CATEGORIES)
+    params["extract"].update(device="cpu", batch_size=4)
+    params["backbones"] = {BACKBONE: TINY_DINOV2}
+    root.mkdir(parents=True, exist_ok=True)
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    extract, score = _stage("extract"), _stage("score")
+    for category in CATEGORIES:
+        bank = root / "featurebanks" / BACKBONE / f"{category}.safetensors"
+        extract.main(["--backbone", BACKBONE, "--category", category, "--data", str(dataset), "--out", str(bank),
+                      "--params", str(params_path)])
+    for method in METHODS:
+        score.main(["--backbone", BACKBONE, "--method", method, "--featurebanks", str(root / "featurebanks" / BACKBONE),
+                    "--out", str(root / "scores" / f"{BACKBONE}-{method}"), "--params", str(params_path)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_dataset) -> Path:
+    return build_project(tmp_path_factory.mktemp("demo") / "project", tiny_dataset)
+
+
+@pytest.fixture(scope="module")
+def knn_weave(project) -> demo.Detector:
+    return demo.load_detector(project, demo.Run(BACKBONE, "knn", "weave"))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _test_image(dataset: Path, category: str, index: int = 0) -> tuple[str, bytes]:
+    sample = split_samples(index_category(dataset, category), "test")[index]
+    return Path(sample.image_path).name, (dataset / sample.image_path).read_bytes()
+
+
+# --- what the pipeline produced ----------------------------------------------------------------
+
+
+def test_list_runs_needs_scores_and_the_bank_to_fit_on(tmp_path):
+    assert demo.list_runs(tmp_path) == []
+    for relative in [
+        "scores/a-knn/weave.safetensors", "featurebanks/a/weave.safetensors",
+        "scores/a-knn/mesh.safetensors",  # no bank to fit on
+        "scores/b-unknown/weave.safetensors", "featurebanks/b/weave.safetensors",  # not a method
+        "scores/x-y-mahalanobis/washer.safetensors", "featurebanks/x-y/washer.safetensors",
+    ]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    assert demo.list_runs(tmp_path) == [demo.Run("a", "knn", "weave"), demo.Run("x-y", "mahalanobis", "washer")]
+
+
+def test_project_root_comes_from_the_environment(tmp_path):
+    assert demo.project_root({demo.PROJECT_ENV: str(tmp_path)}) == tmp_path.resolve()
+    assert demo.project_root({}) == Path.cwd().resolve()
+
+
+def test_fingerprint_changes_when_an_input_file_changes(project, tmp_path):
+    copy = shutil.copytree(project, tmp_path / "copy")
+    run = demo.Run(BACKBONE, "knn", "weave")
+    before = demo.detector_fingerprint(copy, run)
+    assert demo.detector_fingerprint(copy, run) == before
+    (copy / "params.yaml").write_text((copy / "params.yaml").read_text() + "\n")
+    assert demo.detector_fingerprint(copy, run) != before
+
+
+# --- uploads -------------------------------------------------------------------------------------
+
+
+def test_rgb_upload_decodes_unchanged():
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    decoded = demo.decode_upload(_png(Image.fromarray(pixels)), "a.png")
+    assert decoded.notes == () and decoded.image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded.image), pixels)
+
+
+@pytest.mark.parametrize(
+    "mode, note",
+    [("L", "grayscale image: converted to RGB"), ("RGBA", "alpha (transparency) channel dropped"),
+     ("LA", "alpha (transparency) channel dropped"), ("P", "P image: converted to RGB"),
+     ("CMYK", "CMYK image: converted to RGB")],
+)
+def test_other_colour_modes_become_rgb_like_the_pipeline_with_a_note(mode, note):
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    source.save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
+    decoded = demo.decode_upload(buffer.getvalue(), f"x.{mode}")
+    assert decoded.image.mode == "RGB" and decoded.image.size == (16, 12)
+    assert len(decoded.notes) == 1 and note in decoded.notes[0]
+    np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(source.convert("RGB")))
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(buffer, format="JPEG", exif=exif)
+    decoded = demo.decode_upload(buffer.getvalue(), "photo.jpg")
+    assert decoded.image.size == (20, 40) and "EXIF orientation" in decoded.notes[0]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty.bin: the file is empty"),
+        (b"width,height\n1,2\n", "notes.csv: not an image"),
+        (_png(Image.new("RGB", (64, 64), (1, 2, 3)))[:60], "cut.png: the image file is truncated or corrupt"),
+        (_png_claiming(5000, 5000), "bomb.png: the image is larger than the limit of 16,777,216 pixels"),
+        (_png_claiming(10000, 10000), "bomb.png: the image is larger than the limit"),  # PIL's bomb warning
+        (_png_claiming(20000, 20000), "bomb.png: the image is larger than the limit"),  # PIL's bomb error
+        (_png(Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))), "16bit.png: I;16 images"),
+    ],
+    ids=["empty", "not-an-image", "truncated", "too-many-pixels", "bomb-warning", "bomb-error", "16-bit"],
+)
+def test_bad_uploads_raise_an_upload_error_naming_the_file(data, message):
+    name = message.split(":")[0]
+    with pytest.raises(demo.UploadError, match=message.replace(".", r"\.")):
+        demo.decode_upload(data, name)
+
+
+# --- threshold on training images only -------------------------------------------------------------
+
+
+def _nearest_cosine_distances(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    queries = queries / np.linalg.norm(queries, axis=-1, keepdims=True)
+    bank = bank / np.linalg.norm(bank, axis=-1, keepdims=True)
+    return 1.0 - (queries @ bank.T).max(axis=1)
+
+
+def test_holdout_scores_score_each_training_image_without_it():
+    train = np.random.default_rng(2).standard_normal((6, 2, 2, 4)).astype(np.float32)
+    indices, scores = demo.holdout_image_scores("knn", {"k": 1}, train, max_images=6, n_folds=6)
+    np.testing.assert_array_equal(indices, np.arange(6))
+    for index in range(6):
+        others = np.delete(train, index, axis=0).reshape(-1, 4)
+        expected = _nearest_cosine_distances(train[index].reshape(-1, 4), others).max()
+        assert scores[index] == pytest.approx(expected, abs=1e-5)
+    fewer_indices, fewer_scores = demo.holdout_image_scores("knn", {"k": 1}, train, max_images=3, n_folds=2)
+    assert len(fewer_indices) == 3 and fewer_indices[0] == 0 and fewer_indices[-1] == 5
+    assert np.all(np.diff(fewer_indices) > 0) and np.isfinite(fewer_scores).all()
+
+
+def test_few_shot_holdout_uses_the_images_the_scorer_never_sees():
+    train = np.random.default_rng(3).standard_normal((6, 2, 2, 4)).astype(np.float32)
+    indices, scores = demo.holdout_image_scores("knn", {"k": 1, "few_shot": 4}, train)
+    np.testing.assert_array_equal(indices, [4, 5])
+    fitted = make_scorer("knn", {"k": 1}).fit(train[:4])
+    np.testing.assert_allclose(scores, aggregate_image_scores(fitted.score(train[4:]), "max"), rtol=1e-6)
+
+
+def test_one_training_image_cannot_calibrate():
+    with pytest.raises(demo.DemoError, match="at least 2 are needed"):
+        demo.holdout_image_scores("knn", {}, np.ones((1, 2, 2, 4), dtype=np.float32))
+
+
+def test_threshold_ignores_test_features(project, knn_weave, tmp_path):
+    copy = shutil.copytree(project, tmp_path / "copy")
+    bank_path = demo.Run(BACKBONE, "knn", "weave").bank_path(copy)
+    bank = read_bank(bank_path)
+    rng = np.random.default_rng(4)
+    write_bank(
+        bank_path,
+        train_embeddings=bank.train_embeddings, train_patches=bank.train_patches,
+        test_embeddings=rng.standard_normal(bank.test_embeddings.shape).astype(np.float32),
+        test_patches=rng.standard_normal(bank.test_patches.shape).astype(np.float32),
+        train_samples=bank.train_samples, test_samples=bank.test_samples, info=bank.info,
+    )
+    detector = demo.load_detector(copy, demo.Run(BACKBONE, "knn", "weave"))
+    assert detector.threshold == knn_weave.threshold
+    np.testing.assert_array_equal(detector.holdout_scores, knn_weave.holdout_scores)
+    assert knn_weave.threshold == float(knn_weave.holdout_scores.max()) > 0
+
+
+# --- the detector reproduces the pipeline --------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, category", [("knn", "weave"), ("mahalanobis", "mesh")])
+def test_detector_scores_test_images_as_the_pipeline_did(project, tiny_dataset, method, category):
+    run = demo.Run(BACKBONE, method, category)
+    detector = demo.load_detector(project, run)
+    pipeline = read_category_scores(run.scores_path(project))
+    for index, sample in enumerate(pipeline.test_samples):
+        decoded = demo.decode_upload((tiny_dataset / sample.image_path).read_bytes(), sample.image_path)
+        result = detector.score(decoded.image)
+        assert result.score == pytest.approx(float(pipeline.image_scores[index]), rel=2e-3)
+        assert result.anomaly_map.shape == sample.original_size and result.notes == ()
+        expected_map = anomaly_map(pipeline.patch_scores[index], sample.original_size, detector.sigma)
+        np.testing.assert_allclose(result.anomaly_map, expected_map, rtol=5e-3, atol=1e-5 * float(expected_map.max()))
+    assert detector.random_weights and detector.colour_scale[1] == float(pipeline.patch_scores.max())
+
+
+def test_a_size_unlike_the_training_images_gets_a_note(knn_weave, tiny_dataset):
+    name, data = _test_image(tiny_dataset, "weave")
+    image = demo.decode_upload(data, name).image.resize((300, 200))
+    result = knn_weave.score(image)
+    assert result.anomaly_map.shape == (200, 300)
+    assert len(result.notes) == 1 and "300x200 px, the weave training images are 256x256" in result.notes[0]
+    with pytest.raises(ValueError, match="expected an RGB image"):
+        knn_weave.score(image.convert("L"))
+
+
+def test_an_image_that_cannot_be_scored_is_an_upload_error(knn_weave, tiny_dataset):
+    class NonFiniteFeatures:
+        aggregate = "max"
+
+        def score(self, features):
+            raise ScoringError("test features contain 3 NaN/inf values")
+
+    name, data = _test_image(tiny_dataset, "weave")
+    decoded, result = demo.score_upload(knn_weave, data, name)
+    assert result.score == knn_weave.score(decoded.image).score
+    with pytest.raises(demo.UploadError, match=f"{name}: cannot be scored .test features contain 3 NaN/inf"):
+        demo.score_upload(dataclasses.replace(knn_weave, scorer=NonFiniteFeatures()), data, name)
+
+
+def _copy_with_other_bank_weights(project: Path, destination: Path, run: demo.Run) -> Path:
+    """A copy of the project whose bank of ``run`` claims other weights than its scores."""
+    copy = shutil.copytree(project, destination)
+    bank = read_bank(run.bank_path(copy))
+    info = dict(bank.info, weights_info=dict(bank.info["weights_info"], seed=7))
+    write_bank(run.bank_path(copy), train_embeddings=bank.train_embeddings, train_patches=bank.train_patches,
+               test_embeddings=bank.test_embeddings, test_patches=bank.test_patches,
+               train_samples=bank.train_samples, test_samples=bank.test_samples, info=info)
+    return copy
+
+
+def test_scores_from_other_weights_are_refused(project, tmp_path):
+    run = demo.Run(BACKBONE, "knn", "weave")
+    copy = _copy_with_other_bank_weights(project, tmp_path / "copy", run)
+    with pytest.raises(demo.DemoError, match="come from different weights"):
+        demo.load_detector(copy, run)
+
+
+# --- what the page shows ---------------------------------------------------------------------------
+
+
+def test_overlay_uses_the_pipeline_colours_and_shrinks_for_display():
+    image = Image.new("RGB", (3000, 1500), (255, 255, 255))
+    heat = np.zeros((1500, 3000), dtype=np.float32)
+    heat[:, 1500:] = 10.0
+    overlay = demo.overlay_image(image, heat, (0.0, 10.0), max_side=300)
+    assert overlay.shape == (150, 300, 3) and overlay.dtype == np.uint8
+    # White (255) half-covered by jet's ends as 8-bit colours: dark blue (0, 0, 127), dark red (127, 0, 0).
+    np.testing.assert_array_equal(overlay[75, 10], [128, 128, 191])
+    np.testing.assert_array_equal(overlay[75, 290], [191, 128, 128])
+    with pytest.raises(ValueError, match="does not match the image"):
+        demo.overlay_image(image, heat[:10], (0.0, 1.0))
+
+
+def test_results_csv_has_one_row_per_file_with_the_decision(knn_weave):
+    rows = [demo.BatchRow("a.png", 256, 256, 0.5, ""), demo.BatchRow("b.png", 256, 256, 0.1, "grayscale"),
+            demo.BatchRow("c.txt", None, None, None, "c.txt: not an image")]
+    records = list(csv.DictReader(io.StringIO(demo.results_csv(rows, 0.2, knn_weave))))
+    assert [record["file"] for record in records] == ["a.png", "b.png", "c.txt"]
+    assert [record["decision"] for record in records] == ["anomalous", "normal", "error"]
+    assert records[0]["anomaly_score"] == "0.5" and records[2]["anomaly_score"] == ""
+    assert records[1]["category"] == "weave" and records[1]["weights"] == "random" and records[1]["threshold"] == "0.2"
+
+
+# --- the Streamlit page ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app(project, monkeypatch) -> AppTest:
+    monkeypatch.setenv(demo.PROJECT_ENV, str(project))
+    page = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S)
+    page.run()
+    assert not page.exception, page.exception
+    return page
+
+
+def test_page_without_pipeline_outputs_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(demo.PROJECT_ENV, str(tmp_path))
+    page = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S).run()
+    assert not page.exception and len(page.error) == 1
+    assert "No pipeline outputs under" in page.error[0].value and "make run" in page.error[0].value
+
+
+def test_page_with_stale_outputs_says_so(project, tmp_path, monkeypatch):
+    # The page opens on the first category and method in sorted order: mesh, knn.
+    copy = _copy_with_other_bank_weights(project, tmp_path / "copy", demo.Run(BACKBONE, "knn", "mesh"))
+    monkeypatch.setenv(demo.PROJECT_ENV, str(copy))
+    page = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S).run()
+    assert not page.exception and len(page.error) == 1
+    assert page.error[0].value.startswith(f"Cannot serve {BACKBONE} · knn · mesh:")
+    assert "come from different weights" in page.error[0].value and not page.file_uploader
+
+
+def test_page_offers_what_the_pipeline_produced(app):
+    options = {box.label: box.options for box in app.selectbox}
+    assert options == {"Category": ["mesh", "weave"], "Backbone": [BACKBONE], "Method": ["knn", "mahalanobis"]}
+    assert "randomly initialised" in app.warning[0].value
+
+
+def test_single_upload_shows_score_decision_and_follows_the_slider(app, project, tiny_dataset):
+    app.selectbox[0].select("weave").run()
+    detector = demo.load_detector(project, demo.Run(BACKBONE, "knn", "weave"))
+    slider = app.slider[0]
+    assert slider.value == pytest.approx(detector.threshold)
+    name, data = _test_image(tiny_dataset, "weave", index=-1)
+    app.file_uploader[0].upload(name, data, "image/png").run()
+    assert not app.exception and not app.error
+    expected = detector.score(demo.decode_upload(data, name).image).score
+    assert app.metric[0].label == "Anomaly score" and app.metric[0].value == demo.format_score(expected)
+    app.slider[0].set_value(0.0).run()
+    assert any(":red[Anomalous]" in block.value for block in app.markdown)
+    app.slider[0].set_value(app.slider[0].max).run()
+    assert any(":green[Normal]" in block.value for block in app.markdown)
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("notes.txt", b"not an image at all", "notes.txt: not an image"),
+        ("cut.png", _png(Image.new("RGB", (64, 64), (1, 2, 3)))[:60], "cut.png: the image file is truncated or corrupt"),
+        ("bomb.png", _png_claiming(20000, 20000), "bomb.png: the image is larger than the limit"),
+    ],
+    ids=["not-an-image", "truncated", "bomb"],
+)
+def test_bad_single_upload_shows_an_error_and_the_page_keeps_working(app, tiny_dataset, name, data, message):
+    app.file_uploader[0].upload(name, data).run()
+    assert not app.exception and len(app.error) == 1 and message in app.error[0].value
+    assert not app.metric
+    good_name, good_data = _test_image(tiny_dataset, "mesh")
+    app.file_uploader[0].set_value((good_name, good_data, "image/png")).run()
+    assert not app.exception and not app.error and app.metric[0].label == "Anomaly score"
+
+
+@pytest.mark.parametrize(
+    "image, note",
+    [(Image.new("LA", (288, 288), (90, 128)), "alpha (transparency) channel dropped"),
+     (Image.new("RGB", (100, 50), (90, 90, 90)), "the image is 100x50 px, the mesh training images are 288x288")],
+    ids=["alpha", "other-size"],
+)
+def test_converted_or_resized_uploads_are_scored_with_a_warning(app, image, note):
+    app.file_uploader[0].upload("odd.png", _png(image), "image/png").run()
+    assert not app.exception and not app.error and app.metric[0].label == "Anomaly score"
+    assert any(note in warning.value for warning in app.warning)
+
+
+def test_batch_lists_every_file_and_offers_the_csv(app, tiny_dataset):
+    uploads = [_test_image(tiny_dataset, "mesh", index) for index in (0, 1)] + [("broken.png", b"\x89PNG broken")]
+    app.file_uploader[1].set_value([(name, data, "image/png") for name, data in uploads]).run()
+    assert not app.exception
+    assert len(app.error) == 1 and "1 of 3 files could not be scored" in app.error[0].value
+    table = app.dataframe[0].value
+    assert list(table["file"]) == [name for name, _ in uploads]
+    assert list(table["decision"])[2] == "error" and set(list(table["decision"])[:2]) <= {"normal", "anomalous"}
+    assert np.isfinite(table["score"][:2].astype(float)).all()
+    downloads = app.get("download_button")
+    assert len(downloads) == 1 and "Download CSV" in downloads[0].proto.label
+    captions = [caption for image in app.image for caption in image.captions]
+    assert [caption.split(":")[0] for caption in captions] == [name for name, _ in uploads[:2]]
