@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/streamlit run app/demo.py --server.address 127.0.0.1
+	$(BIN)/streamlit run app/demo.py --server.address 127.0.0.1 --client.toolbarMode viewer
 
 benchmarks: setup
 	$(BIN)/python benchmarks/extract.py
