@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from safetensors import safe_open
 
 from vitad.backbones import build_extractor
@@ -126,6 +127,8 @@ def test_rows_follow_samples_across_batches_and_workers(tiny_dataset, extractor)
     """Row i is sample i whatever the batch size or number of decoding processes; the mesh
     category is stored single-channel and goes through the same path."""
     samples = index_category(tiny_dataset, "mesh")
+    with Image.open(tiny_dataset / samples[0].image_path) as image:
+        assert image.mode == "L"
     embeddings, patches = extract_split(extractor, tiny_dataset, samples, batch_size=3, progress=False)
     assert embeddings.shape == (len(samples), 32) and patches.shape == (len(samples), 3, 3, 32)
     dataset = ImageDataset(tiny_dataset, samples, extractor.image_size)
