@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from vitad.backbones import build_extractor
 from vitad.data import ImageDataset, Sample, index_category, split_samples
+from vitad import featurebank
 from vitad.featurebank import (
     FeatureBankError,
     bank_info,
@@ -138,6 +139,17 @@ def test_rows_follow_samples_across_batches_and_workers(tiny_dataset, extractor)
         np.testing.assert_allclose(patches[row], single_patches[0].numpy(), rtol=1e-4, atol=1e-5)
     serial = extract_split(extractor, tiny_dataset, samples, batch_size=len(samples), num_workers=0, progress=False)
     np.testing.assert_allclose(serial[1], patches, rtol=1e-4, atol=1e-5)
+
+
+def test_decoding_in_several_chunks_keeps_the_row_order(tiny_dataset, extractor, monkeypatch):
+    samples = index_category(tiny_dataset, "weave")
+    whole = extract_split(extractor, tiny_dataset, samples, batch_size=2, progress=False)
+    image_bytes = 3 * extractor.image_size**2 * 4
+    monkeypatch.setattr(featurebank, "DECODE_CHUNK_BYTES", 2 * image_bytes * 2)  # chunks of 4 images
+    chunked = extract_split(extractor, tiny_dataset, samples, batch_size=2, progress=False)
+    assert len(samples) > 4
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
 
 
 def test_extract_split_casts_patches_to_the_storage_dtype(tiny_dataset, extractor):
