@@ -159,10 +159,11 @@ def preprocess(image: Image.Image, size: int) -> "torch.Tensor":
     import torch  # imported here so that stages which only read metadata stay torch-free
 
     resized = image.resize((size, size), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # [S, S, 3]
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixels.permute(2, 0, 1) - mean) / std
+    pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # uint8 [S, S, 3] -> [3, S, S]
+    # (x / 255 - mean) / std as one multiply-add: x * 1 / (255 std) - mean / std.
+    scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(3, 1, 1)
+    offset = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
+    return pixels.float().mul_(scale).sub_(offset)
 
 
 class ImageDataset:
