@@ -18,8 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vitad.cli import run_stage  # noqa: E402
 from vitad.figures import FigureSettings, render_comparison  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
+from vitad.io import reset_directory  # noqa: E402
 from vitad.params import load_params, string_list  # noqa: E402
 
 
@@ -40,9 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in string_list(params, "pipeline.methods")
     ]
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    for stale in sorted(args.out.glob("*.png")):
-        stale.unlink()
+    reset_directory(args.out)
     for category in categories:
         rows = [read_category_scores(d / f"{category}.safetensors", expected_category=category) for d in score_dirs]
         path = render_comparison(args.out / f"{category}.png", rows, args.data, settings)
@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vitad.cli import run_stage  # noqa: E402
 from vitad.figures import FigureSettings, render_category_triplets  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
+from vitad.io import reset_directory  # noqa: E402
 from vitad.params import load_params, string_list  # noqa: E402
 
 
@@ -30,9 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     categories = string_list(params, "data.categories")
     settings = FigureSettings.from_params(params)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    for stale in sorted(args.out.glob("*.png")):
-        stale.unlink()
+    reset_directory(args.out)
     for category in categories:
         scores = read_category_scores(args.scores / f"{category}.safetensors", expected_category=category)
         written = render_category_triplets(scores, args.data, args.out, settings)
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

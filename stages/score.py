@@ -11,7 +11,6 @@ them.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,19 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitad.cli import run_stage  # noqa: E402
 from vitad.featurebank import read_bank  # noqa: E402
-from vitad.io import save_arrays  # noqa: E402
+from vitad.io import reset_directory, save_arrays  # noqa: E402
 from vitad.params import load_params, param, string_list  # noqa: E402
 from vitad.scoring import make_scorer, score_bank  # noqa: E402
-
-
-def _clear_directory(directory: Path) -> None:
-    """Remove what an earlier run left in ``directory`` (a category may have been dropped)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(directory.iterdir()):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     section = param(params, f"score.{args.method}", dict)
     make_scorer(args.method, section)  # bad parameters fail before any bank is read
 
-    _clear_directory(args.out)
+    reset_directory(args.out)
     for category in categories:
         bank_path = args.featurebanks / f"{category}.safetensors"
         bank = read_bank(bank_path)

@@ -6,14 +6,16 @@ import sys
 from typing import Callable
 
 from vitad.data import DatasetError
+from vitad.io import ArrayFileError
 from vitad.params import ParamsError
+from vitad.scorefile import ScoresError
 
 
 class StageError(RuntimeError):
     """A stage cannot proceed; the message says which file or parameter and what to do."""
 
 
-EXPECTED_ERRORS = (ParamsError, DatasetError, StageError, FileNotFoundError)
+EXPECTED_ERRORS = (ParamsError, DatasetError, StageError, ScoresError, ArrayFileError, FileNotFoundError)
 
 
 def run_stage(main: Callable[[], None]) -> None:

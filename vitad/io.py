@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 
@@ -41,6 +43,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+class ArrayFileError(ValueError):
+    """An array file exists but cannot be read (truncated, not safetensors, bad metadata)."""
+
+
+def reset_directory(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` or empty it: a stage's output directory must not keep files of an
+    earlier run (a category or figure that is no longer produced)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(directory.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return directory
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -60,11 +79,12 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], metadata
 
 def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """Load what :func:`save_arrays` wrote: (arrays, metadata)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (did the stage that writes it run? try `dvc repro`)")
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
-    return load_file(str(path)), metadata
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ArrayFileError(f"{path}: unreadable ({error}); delete it and re-run the stage that writes it") from error
