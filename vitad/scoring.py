@@ -24,18 +24,18 @@ import contextlib
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import faiss
 import numpy as np
-import torch
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_limits
 
 from vitad.cli import StageError
 from vitad.coreset import greedy_coreset
 from vitad.params import ParamsError
+
+if TYPE_CHECKING:  # torch and scikit-learn take seconds to import: only the scorers that need them do
+    import torch
 
 
 class ScoringError(StageError):
@@ -251,6 +251,7 @@ def _shrinkage_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) [P] with shrunk covariance a S + b I, from tr(S), |S|_F² and the squared norms of the
     centred samples [P, n] (batched over P; equal to scikit-learn's ledoit_wolf / oas)."""
+    import torch
     if shrinkage == "fixed":
         return torch.ones_like(trace), torch.full_like(trace, epsilon)
     mu = trace / d  # target: mu I
@@ -272,6 +273,7 @@ def _shrinkage_coefficients(
 
 def _float64_tensor(array: np.ndarray) -> torch.Tensor:
     """A contiguous float64 torch copy of a (possibly transposed) numpy view, in one pass."""
+    import torch
     return torch.empty(array.shape, dtype=torch.float64).copy_(torch.from_numpy(array))
 
 
@@ -286,6 +288,7 @@ def _batched_linalg_threads(n_matrices: int):
 def _fit_gaussians(samples: torch.Tensor, shrinkage: str, epsilon: float) -> _Gaussians:
     """Shrunk Gaussians of ``samples`` [P, n, d] (float64, centred in place), batched over P;
     see :class:`_Gaussians`."""
+    import torch
     n_gaussians, n, d = samples.shape
     mean = samples.mean(dim=1)  # [P, d]
     centered = samples.sub_(mean[:, None, :])  # [P, n, d]
@@ -324,6 +327,7 @@ _SCORE_CHUNK_ELEMENTS = 1 << 23
 
 def _mahalanobis_distances(gaussians: _Gaussians, queries: np.ndarray) -> np.ndarray:
     """Mahalanobis distances [P, m] (float64) of ``queries`` [P, m, d] to the P Gaussians."""
+    import torch
     n_gaussians, n_queries, d = queries.shape
     width = d if gaussians.train_centered is None else max(d, gaussians.train_centered.shape[1])
     chunk = max(1, _SCORE_CHUNK_ELEMENTS // (n_gaussians * width))
@@ -387,6 +391,7 @@ class MahalanobisScorer(_Scorer):
         return features.reshape(1, -1, features.shape[-1])  # [1, N (* h * w), d]
 
     def _fit(self, train: np.ndarray) -> None:
+        from sklearn.decomposition import PCA
         self.pca_ = None
         if self.pca_dims is not None:
             n_vectors = int(np.prod(train.shape[:-1]))
@@ -425,6 +430,7 @@ class KMeansScorer(_Scorer):
         self.seed = _int_param(self.method, "seed", seed, 0)
 
     def _fit(self, train: np.ndarray) -> None:
+        from sklearn.cluster import KMeans
         bank = train.reshape(-1, train.shape[-1])  # [N (* h * w), D]
         if len(bank) < self.n_clusters:
             raise ScoringError(f"{len(bank)} training vectors but score.kmeans.n_clusters = {self.n_clusters}")
