@@ -15,17 +15,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from vitad.backbones import FeatureExtractor
 from vitad.cli import StageError
 from vitad.data import ImageDataset, Sample, collate, split_samples
 from vitad.io import load_arrays, save_arrays
 from vitad.params import ParamsError, param, positive_int
+
+if TYPE_CHECKING:  # reading a bank needs neither torch nor the backbones (seconds to import)
+    import torch
+
+    from vitad.backbones import FeatureExtractor
 
 PATCH_DTYPES = {"float16": np.float16, "float32": np.float32}
 ARRAY_NAMES = ("train_embeddings", "train_patches", "test_embeddings", "test_patches")
@@ -92,6 +95,8 @@ def _decoded_batches(
     the model waits, then the model runs on all cores while nothing decodes (ResNet50, 2 cores:
     0.88 -> 0.92 of bare-forward throughput, decoding included).
     """
+    import torch
+
     cpus = os.cpu_count() or 1
     if device.type == "cuda":
         workers = max(1, min(8, cpus - 1)) if num_workers is None else num_workers
@@ -132,6 +137,8 @@ def extract_split(
     decoded, resized and normalised by ``num_workers`` processes (default: one per core, at most
     8); :func:`_decoded_batches` says how decoding and the forward pass share the machine.
     """
+    import torch
+
     if patch_dtype not in PATCH_DTYPES:
         raise ParamsError(
             f"params.yaml: extract.patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {patch_dtype!r}"
