@@ -6,6 +6,7 @@ params.yaml there and asks DVC what it would re-run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,18 @@ def _edit_params(project: Path, edit) -> None:
     params = yaml.safe_load(path.read_text())
     edit(params)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@contextlib.contextmanager
+def _params_edited(project: Path, edit):
+    """params.yaml edited for the duration of the block, then restored byte for byte."""
+    path = project / "params.yaml"
+    original = path.read_text()
+    _edit_params(project, edit)
+    try:
+        yield
+    finally:
+        path.write_text(original)
 
 
 def _stages_that_would_run(project: Path) -> set[str]:
@@ -92,11 +105,8 @@ def test_second_repro_does_no_work(project):
 
 
 def test_knn_k_change_reruns_only_knn_scoring_and_after(project):
-    _edit_params(project, lambda p: p["score"]["knn"].update(k=2))
-    try:
+    with _params_edited(project, lambda p: p["score"]["knn"].update(k=2)):
         stages = _stages_that_would_run(project)
-    finally:
-        _edit_params(project, lambda p: p["score"]["knn"].update(k=1))
     assert stages, "changing score.knn.k must re-run something"
     assert not any(s.startswith(("download", "extract@")) for s in stages), stages
     assert {"score@resnet50-knn", "score@dinov2_vitb14-knn"} <= stages
@@ -104,11 +114,8 @@ def test_knn_k_change_reruns_only_knn_scoring_and_after(project):
 
 
 def test_backbone_change_reruns_only_that_backbone(project):
-    _edit_params(project, lambda p: p["backbones"]["resnet50"].update(image_size=96))
-    try:
+    with _params_edited(project, lambda p: p["backbones"]["resnet50"].update(image_size=96)):
         stages = _stages_that_would_run(project)
-    finally:
-        _edit_params(project, lambda p: p["backbones"]["resnet50"].update(image_size=64))
     assert {"extract@resnet50-weave", "extract@resnet50-mesh"} <= stages
     assert not any("dinov2" in s for s in stages), stages
     assert "download" not in stages
@@ -126,11 +133,8 @@ def test_new_category_runs_only_new_extraction(project):
 
 def test_bad_category_fails_with_its_name_and_keeps_data(project):
     before = sorted(p.name for p in (project / "data" / "dataset").iterdir())
-    _edit_params(project, lambda p: p["data"].update(categories=["weave", "wool"]))
-    try:
+    with _params_edited(project, lambda p: p["data"].update(categories=["weave", "wool"])):
         result = _dvc(project, "repro", check=False)
-    finally:
-        _edit_params(project, lambda p: p["data"].update(categories=["weave", "mesh", "washer"]))
     assert result.returncode != 0
     assert "wool" in result.stdout + result.stderr
     assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == before
