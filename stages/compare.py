@@ -1,11 +1,11 @@
-"""compare stage: one figure per category comparing every backbone x method found under --scores.
+"""compare stage: one figure per category comparing every run of pipeline.runs found under --scores.
 
 Columns are the selected test images (same rule as the heatmap stage: first
 heatmap.examples_per_defect per defect type, then heatmap.good_examples good ones); the first
 two rows show the images and their ground truth, then one row of anomaly-map overlays per
-backbone x method of pipeline.backbones x pipeline.methods (in params order), each with its own
-colourbar. Rows come from params, not from listing --scores, so score directories left behind by
-a backbone or method since removed from the pipeline never show up.
+run of pipeline.runs (<backbone>-<method>, in params order), each with its own colourbar. Rows
+come from params, not from listing --scores, so score directories left behind by a run since
+removed from the pipeline never show up.
 
 Writes <out>/<category>.png (a DVC image-plot directory).
 """
@@ -22,13 +22,13 @@ from vitad.cli import run_stage  # noqa: E402
 from vitad.figures import FigureSettings, render_comparison  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
 from vitad.io import reset_directory  # noqa: E402
-from vitad.params import load_params, string_list  # noqa: E402
+from vitad.params import load_params, pipeline_runs, string_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--scores", required=True, type=Path, help="directory holding the <backbone>-<method>/ score directories")
+    parser.add_argument("--scores", required=True, type=Path, help="directory holding the <backbone>-<method>/ score directories of pipeline.runs")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (MVTec layout)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -36,17 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     categories = string_list(params, "data.categories")
     settings = FigureSettings.from_params(params)
-    score_dirs = [
-        args.scores / f"{backbone}-{method}"
-        for backbone in string_list(params, "pipeline.backbones")
-        for method in string_list(params, "pipeline.methods")
-    ]
+    score_dirs = [args.scores / f"{backbone}-{method}" for backbone, method in pipeline_runs(params)]
 
     reset_directory(args.out)
     for category in categories:
         rows = [read_category_scores(d / f"{category}.safetensors", expected_category=category) for d in score_dirs]
         path = render_comparison(args.out / f"{category}.png", rows, args.data, settings)
-        print(f"{category}: {len(rows)} backbone x method rows -> {path}")
+        print(f"{category}: {len(rows)} runs (backbone x method rows) -> {path}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def build_project(root: Path, dataset: Path) -> Path:
     """A project under ``root`` that has run extract and score for tiny_dinov2 x knn, mahalanobis
     x weave, mesh (the stages' own code, params.yaml written there)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["pipeline"] = {"backbones": [BACKBONE], "methods": list(METHODS)}
+    params["pipeline"] = {"backbones": [BACKBONE], "runs": {f"{BACKBONE}-{m}": {"backbone": BACKBONE, "method": m} for m in METHODS}}
     params["data"]["categories"] = list(CATEGORIES)
     params["extract"].update(device="cpu", batch_size=4)
     params["backbones"] = {BACKBONE: TINY_DINOV2}

@@ -221,7 +221,8 @@ def pipeline_dir(tiny_dataset, tmp_path_factory):
     _write_scores(root / "scores", tiny_dataset, "resnet50", "knn", {"mode": "random", "seed": 0}, grid=8)
     _write_scores(root / "scores", tiny_dataset, "dinov2_vitb14", "knn", {"mode": "pretrained", "source": "x"}, grid=6)
     (root / "scores" / "removed_backbone-knn").mkdir()  # left behind by an earlier pipeline: not a row
-    params = {"pipeline": {"backbones": ["resnet50", "dinov2_vitb14"], "methods": ["knn"]},
+    runs = {f"{b}-knn": {"backbone": b, "method": "knn"} for b in ["resnet50", "dinov2_vitb14"]}
+    params = {"pipeline": {"backbones": ["resnet50", "dinov2_vitb14"], "runs": runs},
               "data": {"categories": CATEGORIES}, "heatmap": {"sigma": 4, "examples_per_defect": 1, "good_examples": 1, "dpi": 40}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+RUNS = [("resnet50", "knn"), ("resnet50", "kmeans"), ("dinov2_vitb14", "knn")]
 PROJECT_FILES = ["vitad", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/plots"]
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,10 @@ def _stages_that_would_run(project: Path) -> set[str]:
 
 
 def _tiny(params: dict) -> None:
-    params["pipeline"] = {"backbones": ["resnet50", "dinov2_vitb14"], "methods": ["knn", "kmeans"]}
+    params["pipeline"] = {
+        "backbones": ["resnet50", "dinov2_vitb14"],
+        "runs": {f"{b}-{m}": {"backbone": b, "method": m} for b, m in RUNS},
+    }
     params["data"]["categories"] = ["weave", "mesh"]
     params["data"]["synthetic"].update(train_images=3, test_good_images=2, test_images_per_defect=1)
     params["extract"]["batch_size"] = 4
@@ -88,7 +92,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def test_pipeline_writes_metrics_plots_and_figures(project):
-    for pair in ["resnet50-knn", "resnet50-kmeans", "dinov2_vitb14-knn", "dinov2_vitb14-kmeans"]:
+    for pair in [f"{b}-{m}" for b, m in RUNS]:
         metrics = json.loads((project / "reports" / "metrics" / f"{pair}.json").read_text())
         assert set(metrics) >= {"weave", "mesh", "mean"}
         for values in metrics.values():
@@ -111,6 +115,17 @@ def test_knn_k_change_reruns_only_knn_scoring_and_after(project):
     assert not any(s.startswith(("download", "extract@")) for s in stages), stages
     assert {"score@resnet50-knn", "score@dinov2_vitb14-knn"} <= stages
     assert not any("kmeans" in s for s in stages), stages
+
+
+def test_new_run_adds_only_its_own_stages(project):
+    def add_run(params):
+        params["pipeline"]["runs"]["dinov2_vitb14-kmeans"] = {"backbone": "dinov2_vitb14", "method": "kmeans"}
+
+    with _params_edited(project, add_run):
+        stages = _stages_that_would_run(project)
+    assert stages == {
+        "score@dinov2_vitb14-kmeans", "heatmap@dinov2_vitb14-kmeans", "evaluate@dinov2_vitb14-kmeans", "compare", "report"
+    }, stages
 
 
 def test_backbone_change_reruns_only_that_backbone(project):

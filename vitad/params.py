@@ -61,3 +61,27 @@ def string_list(params: dict, key: str) -> list[str]:
     if len(set(values)) != len(values):
         raise ParamsError(f"params.yaml: {key} lists a name twice: {values!r}")
     return values
+
+
+def pipeline_runs(params: dict) -> list[tuple[str, str]]:
+    """(backbone, method) of every entry of ``pipeline.runs``, in params order.
+
+    Each entry is keyed ``<backbone>-<method>`` (the name of its score/heatmap/evaluate stages and
+    outputs) and maps to ``{backbone: ..., method: ...}`` with a backbone from pipeline.backbones.
+    """
+    backbones = string_list(params, "pipeline.backbones")
+    runs = param(params, "pipeline.runs", dict)
+    if not runs:
+        raise ParamsError("params.yaml: pipeline.runs must name at least one <backbone>-<method> run")
+    pairs = []
+    for name in runs:
+        backbone = param(params, f"pipeline.runs.{name}.backbone", str)
+        method = param(params, f"pipeline.runs.{name}.method", str)
+        if name != f"{backbone}-{method}":
+            raise ParamsError(f"params.yaml: pipeline.runs.{name} must be keyed {backbone}-{method} (<backbone>-<method>)")
+        if backbone not in backbones:
+            raise ParamsError(
+                f"params.yaml: pipeline.runs.{name}.backbone {backbone!r} is not in pipeline.backbones ({', '.join(backbones)})"
+            )
+        pairs.append((backbone, method))
+    return pairs

@@ -391,9 +391,10 @@ class MahalanobisScorer(_Scorer):
         return features.reshape(1, -1, features.shape[-1])  # [1, N (* h * w), d]
 
     def _fit(self, train: np.ndarray) -> None:
-        from sklearn.decomposition import PCA
         self.pca_ = None
         if self.pca_dims is not None:
+            from sklearn.decomposition import PCA  # imported only when used: scikit-learn costs ~2 s to import
+
             n_vectors = int(np.prod(train.shape[:-1]))
             if self.pca_dims > min(n_vectors, train.shape[-1]):
                 raise ScoringError(
