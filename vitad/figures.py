@@ -100,10 +100,11 @@ def figure_title(scores: CategoryScores, index: int) -> str:
 
 def _save_png(figure: Figure, path: Path) -> None:
     """Write the figure atomically; no "Software" tag, so the bytes do not depend on the
-    matplotlib version."""
+    matplotlib version. zlib level 1: at the default level PNG encoding took a third of the
+    rendering time (measured: 0.28 -> 0.22 s per triplet); files are about 1.2x larger."""
     FigureCanvasAgg(figure)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", metadata={"Software": None})
+        figure.savefig(tmp, format="png", metadata={"Software": None}, pil_kwargs={"compress_level": 1})
 
 
 def _draw_overlay(axes, image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray, scale: tuple[float, float]):
