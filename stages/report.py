@@ -1,7 +1,8 @@
-"""report stage: reports/summary.md, one table of every backbone x method x category.
+"""report stage: reports/summary.md, one table of every run x category.
 
-Reads every <name>.json metrics file of --metrics with its <name>.info.json (both written by
-the evaluate stage); states prominently whether the backbones had random or pretrained weights.
+Reads the <backbone>-<method>.json metrics file of every run of pipeline.runs from --metrics, with
+its <backbone>-<method>.info.json (both written by the evaluate stage); states prominently
+whether the backbones had random or pretrained weights.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitad.cli import StageError, run_stage  # noqa: E402
 from vitad.evaluation import EvaluationError, read_report_entries, summary_markdown  # noqa: E402
 from vitad.io import write_text  # noqa: E402
+from vitad.params import load_params, pipeline_runs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--metrics", required=True, type=Path, help="directory of metrics files")
     parser.add_argument("--out", required=True, type=Path, help="Markdown file to write")
+    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
+    runs = [f"{backbone}-{method}" for backbone, method in pipeline_runs(load_params(args.params))]
     try:
-        entries = read_report_entries(args.metrics)
+        entries = read_report_entries(args.metrics, runs)
     except EvaluationError as error:
         raise StageError(str(error)) from error
     write_text(args.out, summary_markdown(entries))
-    print(f"{len(entries)} backbone x method runs -> {args.out}")
+    print(f"{len(entries)} runs -> {args.out}")
 
 
 if __name__ == "__main__":

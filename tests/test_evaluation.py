@@ -226,8 +226,13 @@ def test_evaluate_and_report_stages_write_deterministic_outputs(tiny_dataset, tm
     assert sorted(p.name for p in plots.iterdir()) == sorted(f"{name}.csv" for name in evaluation.CURVE_COLUMNS)
 
     summary = tmp_path / "reports" / "summary.md"
-    load_stage("report").main(["--metrics", str(metrics_path.parent), "--out", str(summary)])
+    stale = metrics_path.parent / "removed_backbone-knn.json"  # left behind by a run no longer in params
+    stale.write_bytes(metrics_path.read_bytes())
+    evaluation.info_path(stale).write_bytes(evaluation.info_path(metrics_path).read_bytes())
+    report_params = write_runs_params(tmp_path / "report_params.yaml", "resnet50", ["knn", "kmeans"])
+    load_stage("report").main(["--metrics", str(metrics_path.parent), "--out", str(summary), "--params", str(report_params)])
     text = summary.read_text()
+    assert "removed_backbone" not in text
     assert "RANDOM initialisation" in text and "mode=random, seed=0" in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "resnet50" in line]
     assert len(table) == 2 * (len(categories) + 1)
@@ -249,10 +254,24 @@ def test_evaluate_stage_turns_bad_input_into_a_stage_error(tiny_dataset, tmp_pat
         run_evaluate(tmp_path, tiny_dataset, tmp_path / "scores", "x", params)
 
 
+def write_runs_params(path: Path, backbone: str, methods: list[str]) -> Path:
+    runs = {f"{backbone}-{method}": {"backbone": backbone, "method": method} for method in methods}
+    path.write_text(yaml.safe_dump({"pipeline": {"backbones": [backbone], "runs": runs}}))
+    return path
+
+
 def test_report_stage_without_info_file_says_which(tmp_path):
     (tmp_path / "a-knn.json").write_text(json.dumps({"mean": {"image_auroc": 0.5}}))
+    params = write_runs_params(tmp_path / "params.yaml", "a", ["knn"])
     with pytest.raises(StageError, match="a-knn.info.json: missing"):
-        load_stage("report").main(["--metrics", str(tmp_path), "--out", str(tmp_path / "summary.md")])
+        load_stage("report").main(["--metrics", str(tmp_path), "--out", str(tmp_path / "summary.md"), "--params", str(params)])
+
+
+def test_report_stage_names_a_run_without_metrics(tmp_path):
+    params = write_runs_params(tmp_path / "params.yaml", "a", ["kmeans", "knn"])
+    (tmp_path / "a-knn.json").write_text(json.dumps({"mean": {"image_auroc": 0.5}}))
+    with pytest.raises(StageError, match="a-kmeans.json: missing"):
+        load_stage("report").main(["--metrics", str(tmp_path), "--out", str(tmp_path / "summary.md"), "--params", str(params)])
 
 
 # ----------------------------------------------------------------------------- summary table

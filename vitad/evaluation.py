@@ -257,10 +257,17 @@ class ReportEntry:
     metrics: dict[str, dict[str, float | None]]
 
 
-def read_report_entries(metrics_dir: str | Path) -> list[ReportEntry]:
-    """Every ``<name>.json`` metrics file of ``metrics_dir`` with its ``<name>.info.json``, sorted."""
+def read_report_entries(metrics_dir: str | Path, names: list[str] | None = None) -> list[ReportEntry]:
+    """The ``<name>.json`` metrics files of ``metrics_dir`` with their ``<name>.info.json``: those of
+    ``names`` in that order, or every one found, sorted. The pipeline passes its runs, so files left
+    behind by a run since removed from params.yaml stay out of the report."""
     metrics_dir = Path(metrics_dir)
-    paths = sorted(p for p in metrics_dir.glob("*.json") if not p.name.endswith(INFO_SUFFIX)) if metrics_dir.is_dir() else []
+    if names is not None:
+        paths = [metrics_dir / f"{name}.json" for name in names]
+    elif metrics_dir.is_dir():
+        paths = sorted(p for p in metrics_dir.glob("*.json") if not p.name.endswith(INFO_SUFFIX))
+    else:
+        paths = []
     if not paths:
         raise EvaluationError(f"{metrics_dir}: no metrics files (run the evaluate stages first)")
     entries = []
