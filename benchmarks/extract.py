@@ -83,7 +83,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -107,6 +107,9 @@ def main() -> None:
             bare_runs, pipeline_runs = [], []  # (wall s, CPU s), bare and pipeline interleaved
             for _ in range(args.repeats):
                 bare_runs.append(_timed(lambda: _bare(extractor, batches)))
+                # The stage writes a new file (DVC deletes outputs first): replacing the previous
+                # run's 40 MB bank would time its unlink too.
+                out.unlink(missing_ok=True)
                 pipeline_runs.append(
                     _timed(
                         lambda: _pipeline(extractor, root, samples, args.batch_size, settings.patch_dtype, out, info)
