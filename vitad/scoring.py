@@ -449,7 +449,7 @@ def make_scorer(method: str, params: dict | None) -> _Scorer:
     """The scorer of ``method`` built from its ``score.<method>`` section (missing keys take the
     constructor defaults; unknown keys and bad values raise ParamsError naming the key)."""
     if method not in SCORERS:
-        raise ParamsError(f"unknown scoring method {method!r} (known: {', '.join(SCORERS)}); check pipeline.methods")
+        raise ParamsError(f"unknown scoring method {method!r} (known: {', '.join(SCORERS)}); check pipeline.runs")
     section = {} if params is None else params
     if not isinstance(section, dict):
         raise ParamsError(f"params.yaml: score.{method} must be a mapping of parameters, got {section!r}")
