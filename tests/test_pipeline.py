@@ -125,7 +125,7 @@ def test_new_run_adds_only_its_own_stages(project):
     with _params_edited(project, add_run):
         changed = set(json.loads(_dvc(project, "status", "--json").stdout))
     assert changed == {
-        "score@dinov2_vitb14-kmeans", "heatmap@dinov2_vitb14-kmeans", "evaluate@dinov2_vitb14-kmeans", "compare"
+        "score@dinov2_vitb14-kmeans", "heatmap@dinov2_vitb14-kmeans", "evaluate@dinov2_vitb14-kmeans", "compare", "report"
     }, changed
 
 
