@@ -257,19 +257,14 @@ class ReportEntry:
     metrics: dict[str, dict[str, float | None]]
 
 
-def read_report_entries(metrics_dir: str | Path, names: list[str] | None = None) -> list[ReportEntry]:
-    """The ``<name>.json`` metrics files of ``metrics_dir`` with their ``<name>.info.json``: those of
-    ``names`` in that order, or every one found, sorted. The pipeline passes its runs, so files left
-    behind by a run since removed from params.yaml stay out of the report."""
+def read_report_entries(metrics_dir: str | Path, names: list[str]) -> list[ReportEntry]:
+    """The ``<name>.json`` metrics files of ``metrics_dir`` with their ``<name>.info.json``, for
+    ``names`` in that order (the pipeline's runs: files left behind by a run since removed from
+    params.yaml stay out of the report)."""
     metrics_dir = Path(metrics_dir)
-    if names is not None:
-        paths = [metrics_dir / f"{name}.json" for name in names]
-    elif metrics_dir.is_dir():
-        paths = sorted(p for p in metrics_dir.glob("*.json") if not p.name.endswith(INFO_SUFFIX))
-    else:
-        paths = []
+    paths = [metrics_dir / f"{name}.json" for name in names]
     if not paths:
-        raise EvaluationError(f"{metrics_dir}: no metrics files (run the evaluate stages first)")
+        raise EvaluationError(f"{metrics_dir}: no runs to report")
     entries = []
     for path in paths:
         sidecar = info_path(path)
