@@ -103,6 +103,17 @@ def test_write_bank_refuses_inconsistent_or_unrepresentable_data(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan, -np.nan])
+@pytest.mark.parametrize("position", [0, featurebank._FINITE_CHUNK, -1])
+def test_float16_finiteness_test_finds_inf_and_nan_in_any_chunk(value, position):
+    # Over three chunks, filled with the extreme finite float16 magnitudes of both signs.
+    extremes = np.array([65504, -65504, 0, -0.0, 6e-8], dtype=np.float16)
+    array = np.resize(extremes, 5 * (3 * featurebank._FINITE_CHUNK // 5 + 2))
+    assert featurebank._all_finite(array.reshape(-1, 5))
+    array[position] = value
+    assert not featurebank._all_finite(array.reshape(-1, 5))
+
+
 def test_read_bank_names_the_file_when_it_is_not_a_bank(tmp_path):
     path = tmp_path / "other.safetensors"
     save_arrays(path, {"scores": np.zeros(3, dtype=np.float32)})

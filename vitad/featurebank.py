@@ -220,11 +220,20 @@ def _check_split(split: str, embeddings: np.ndarray, patches: np.ndarray, sample
         )
 
 
+# float16 values per chunk of the finiteness test: 512 KB, so its temporaries stay in cache.
+_FINITE_CHUNK = 1 << 18
+
+
 def _all_finite(array: np.ndarray) -> bool:
     if array.dtype == np.float16:
-        # inf/NaN have all exponent bits set; the integer test is about 2x faster than np.isfinite.
-        exponent = np.uint16(0x7C00)
-        return not ((array.view(np.uint16) & exponent) == exponent).any()
+        # inf/NaN are the magnitudes (sign bit cleared) >= 0x7C00, all exponent bits set. This
+        # integer test over cache-sized chunks takes 4.5 ms on a 36 MB ResNet50 bank, where
+        # np.isfinite takes 38 ms and the same test on the whole array 16 ms (2-core build machine).
+        magnitudes = np.ascontiguousarray(array).reshape(-1).view(np.uint16)
+        return all(
+            (magnitudes[start : start + _FINITE_CHUNK] & np.uint16(0x7FFF)).max() < 0x7C00
+            for start in range(0, magnitudes.size, _FINITE_CHUNK)
+        )
     return bool(np.isfinite(array).all())
 
 
