@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from vitad import demo  # noqa: E402
+from vitad.params import ParamsError  # noqa: E402
 
 GALLERY_COLUMNS = 4
 
@@ -141,7 +142,11 @@ def main() -> None:
     st.set_page_config(page_title="vitad: anomaly detection demo", layout="wide")
     st.title("vitad: industrial anomaly detection")
     root = demo.project_root()
-    runs = demo.list_runs(root)
+    try:
+        runs = demo.list_runs(root)
+    except ParamsError as error:
+        st.error(f"Cannot list the pipeline's runs: {error}")
+        return
     if not runs:
         st.error(
             f"No pipeline outputs under {root} (scores/<backbone>-<method>/<category>.safetensors with their "

@@ -25,6 +25,7 @@ from vitad import demo
 from vitad.data import index_category, split_samples
 from vitad.featurebank import read_bank, write_bank
 from vitad.heatmap import anomaly_map
+from vitad.params import ParamsError
 from vitad.scorefile import read_category_scores
 from vitad.scoring import ScoringError, aggregate_image_scores, make_scorer
 
@@ -118,6 +119,29 @@ def test_list_runs_needs_scores_and_the_bank_to_fit_on(tmp_path):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
     assert demo.list_runs(tmp_path) == [demo.Run("a", "knn", "weave"), demo.Run("x-y", "mahalanobis", "washer")]
+
+
+def test_list_runs_serves_only_what_params_yaml_describes(tmp_path):
+    # Outputs of a run and of a category since removed from params.yaml stay in the workspace.
+    for relative in [
+        "scores/a-knn/weave.safetensors", "scores/a-knn/mesh.safetensors", "featurebanks/a/weave.safetensors",
+        "featurebanks/a/mesh.safetensors", "scores/a-kmeans/weave.safetensors",
+    ]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    params = {"pipeline": {"backbones": ["a"], "runs": {"a-knn": {"backbone": "a", "method": "knn"}}},
+              "data": {"categories": ["weave"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert demo.list_runs(tmp_path) == [demo.Run("a", "knn", "weave")]
+    params["pipeline"]["runs"]["a-kmeans"] = {"backbone": "a", "method": "kmeans"}
+    params["data"]["categories"].append("mesh")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert demo.list_runs(tmp_path) == [demo.Run("a", "kmeans", "weave"), demo.Run("a", "knn", "mesh"),
+                                        demo.Run("a", "knn", "weave")]
+    params["pipeline"]["runs"] = {"a-knn": {"backbone": "b", "method": "knn"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="pipeline.runs.a-knn must be keyed b-knn"):
+        demo.list_runs(tmp_path)
 
 
 def test_project_root_comes_from_the_environment(tmp_path):
@@ -344,6 +368,18 @@ def test_page_without_pipeline_outputs_says_what_to_run(tmp_path, monkeypatch):
     page = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S).run()
     assert not page.exception and len(page.error) == 1
     assert "No pipeline outputs under" in page.error[0].value and "make run" in page.error[0].value
+
+
+def test_page_with_invalid_params_names_the_parameter(project, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["data"]["categories"] = []
+    (copy / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv(demo.PROJECT_ENV, str(copy))
+    page = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S).run()
+    assert not page.exception and len(page.error) == 1
+    assert page.error[0].value.startswith("Cannot list the pipeline's runs: params.yaml: data.categories must be")
 
 
 def test_page_with_stale_outputs_says_so(project, tmp_path, monkeypatch):

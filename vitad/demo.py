@@ -41,7 +41,7 @@ from vitad.featurebank import INFO_KEYS, PATCH_DTYPES, extract_settings, read_ba
 from vitad.figures import OVERLAY_ALPHA, OVERLAY_CMAP, colour_scale
 from vitad.heatmap import anomaly_map
 from vitad.io import load_arrays
-from vitad.params import ParamsError, load_params, param
+from vitad.params import ParamsError, load_params, param, pipeline_runs, string_list
 from vitad.scorefile import ScoresError, read_category_scores
 from vitad.scoring import SCORERS, ScoringError, aggregate_image_scores, make_scorer
 
@@ -101,18 +101,34 @@ class Run:
 def list_runs(root: str | Path) -> list[Run]:
     """Sorted (backbone, method, category) triples with a score file AND the feature bank to fit
     on, found from the files under ``root`` (``scores/<backbone>-<method>/<category>.safetensors``,
-    methods from :data:`vitad.scoring.SCORERS`)."""
+    methods from :data:`vitad.scoring.SCORERS`).
+
+    With a ``params.yaml`` under ``root``, only its ``pipeline.runs`` and ``data.categories``:
+    DVC leaves the untracked outputs of a run or category removed from params.yaml in the
+    workspace, and the demo must not serve them as current results.
+    """
     root = Path(root)
     scores_dir = root / "scores"
     if not scores_dir.is_dir():
         return []
+    current = None
+    if (root / "params.yaml").is_file():
+        params = load_params(root / "params.yaml")
+        current = (
+            {f"{backbone}-{method}" for backbone, method in pipeline_runs(params)},
+            set(string_list(params, "data.categories")),
+        )
     runs = []
     for run_dir in scores_dir.iterdir():
         backbone, _, method = run_dir.name.rpartition("-")
         if not (run_dir.is_dir() and backbone and method in SCORERS):
             continue
+        if current is not None and run_dir.name not in current[0]:
+            continue
         for scores_file in run_dir.glob("*.safetensors"):
             run = Run(backbone, method, scores_file.stem)
+            if current is not None and run.category not in current[1]:
+                continue
             if run.bank_path(root).is_file():
                 runs.append(run)
     return sorted(runs)
