@@ -111,23 +111,21 @@ def list_runs(root: str | Path) -> list[Run]:
     scores_dir = root / "scores"
     if not scores_dir.is_dir():
         return []
-    current = None
+    current_runs = current_categories = None  # None: no params.yaml, every run found counts
     if (root / "params.yaml").is_file():
         params = load_params(root / "params.yaml")
-        current = (
-            {f"{backbone}-{method}" for backbone, method in pipeline_runs(params)},
-            set(string_list(params, "data.categories")),
-        )
+        current_runs = {f"{backbone}-{method}" for backbone, method in pipeline_runs(params)}
+        current_categories = set(string_list(params, "data.categories"))
     runs = []
     for run_dir in scores_dir.iterdir():
         backbone, _, method = run_dir.name.rpartition("-")
         if not (run_dir.is_dir() and backbone and method in SCORERS):
             continue
-        if current is not None and run_dir.name not in current[0]:
+        if current_runs is not None and run_dir.name not in current_runs:
             continue
         for scores_file in run_dir.glob("*.safetensors"):
             run = Run(backbone, method, scores_file.stem)
-            if current is not None and run.category not in current[1]:
+            if current_categories is not None and run.category not in current_categories:
                 continue
             if run.bank_path(root).is_file():
                 runs.append(run)

@@ -229,10 +229,10 @@ def _all_finite(array: np.ndarray) -> bool:
         # inf/NaN are the magnitudes (sign bit cleared) >= 0x7C00, all exponent bits set. This
         # integer test over cache-sized chunks takes 4.5 ms on a 36 MB ResNet50 bank, where
         # np.isfinite takes 38 ms and the same test on the whole array 16 ms (2-core build machine).
-        magnitudes = np.ascontiguousarray(array).reshape(-1).view(np.uint16)
+        bits = np.ascontiguousarray(array).reshape(-1).view(np.uint16)
         return all(
-            (magnitudes[start : start + _FINITE_CHUNK] & np.uint16(0x7FFF)).max() < 0x7C00
-            for start in range(0, magnitudes.size, _FINITE_CHUNK)
+            (bits[start : start + _FINITE_CHUNK] & np.uint16(0x7FFF)).max() < 0x7C00
+            for start in range(0, bits.size, _FINITE_CHUNK)
         )
     return bool(np.isfinite(array).all())
 
