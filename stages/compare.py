@@ -22,7 +22,7 @@ from vitad.cli import run_stage  # noqa: E402
 from vitad.figures import FigureSettings, render_comparison  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
 from vitad.io import reset_directory  # noqa: E402
-from vitad.params import load_params, pipeline_runs, string_list  # noqa: E402
+from vitad.params import load_params, pipeline_run_names, string_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     categories = string_list(params, "data.categories")
     settings = FigureSettings.from_params(params)
-    score_dirs = [args.scores / f"{backbone}-{method}" for backbone, method in pipeline_runs(params)]
+    score_dirs = [args.scores / name for name in pipeline_run_names(params)]
 
     reset_directory(args.out)
     for category in categories:

@@ -41,7 +41,7 @@ from vitad.featurebank import INFO_KEYS, PATCH_DTYPES, extract_settings, read_ba
 from vitad.figures import OVERLAY_ALPHA, OVERLAY_CMAP, colour_scale
 from vitad.heatmap import anomaly_map
 from vitad.io import load_arrays
-from vitad.params import ParamsError, load_params, param, pipeline_runs, string_list
+from vitad.params import ParamsError, load_params, param, pipeline_run_names, string_list
 from vitad.scorefile import ScoresError, read_category_scores
 from vitad.scoring import SCORERS, ScoringError, aggregate_image_scores, make_scorer
 
@@ -114,7 +114,7 @@ def list_runs(root: str | Path) -> list[Run]:
     current_runs = current_categories = None  # None: no params.yaml, every run found counts
     if (root / "params.yaml").is_file():
         params = load_params(root / "params.yaml")
-        current_runs = {f"{backbone}-{method}" for backbone, method in pipeline_runs(params)}
+        current_runs = set(pipeline_run_names(params))
         current_categories = set(string_list(params, "data.categories"))
     runs = []
     for run_dir in scores_dir.iterdir():

@@ -85,3 +85,9 @@ def pipeline_runs(params: dict) -> list[tuple[str, str]]:
             )
         pairs.append((backbone, method))
     return pairs
+
+
+def pipeline_run_names(params: dict) -> list[str]:
+    """The ``<backbone>-<method>`` names of :func:`pipeline_runs`, in params order: the names of
+    each run's stages and of its score, heatmap and metrics outputs."""
+    return [f"{backbone}-{method}" for backbone, method in pipeline_runs(params)]
