@@ -24,19 +24,17 @@ GALLERY_COLUMNS = 4
 
 
 @st.cache_resource(max_entries=4, show_spinner="Fitting the scorer on the training features…")
-def cached_detector(root: str, backbone: str, method: str, category: str, fingerprint: str) -> demo.Detector:
+def cached_detector(root: str, name: str, backbone: str, category: str, fingerprint: str) -> demo.Detector:
     """One fitted detector per run, shared by all sessions; ``fingerprint`` (see
     :func:`vitad.demo.detector_fingerprint`) only keys the cache, so new pipeline outputs refit."""
-    return demo.load_detector(Path(root), demo.Run(backbone, method, category))
+    return demo.load_detector(Path(root), demo.Run(name, backbone, category))
 
 
 def choose_run(runs: list[demo.Run]) -> demo.Run:
-    category = st.sidebar.selectbox("Category", sorted({run.category for run in runs}))
-    backbone = st.sidebar.selectbox("Backbone", sorted({run.backbone for run in runs if run.category == category}))
-    method = st.sidebar.selectbox(
-        "Method", sorted({run.method for run in runs if (run.category, run.backbone) == (category, backbone)})
-    )
-    return demo.Run(backbone, method, category)
+    """Category, then run; both in params.yaml's order, so the page opens on the first run."""
+    category = st.sidebar.selectbox("Category", list(dict.fromkeys(run.category for run in runs)))
+    choices = [run for run in runs if run.category == category]
+    return st.sidebar.selectbox("Run (backbone-recipe)", choices, format_func=lambda run: run.name)
 
 
 def choose_threshold(detector: demo.Detector) -> float:
@@ -129,7 +127,7 @@ def batch(detector: demo.Detector, threshold: float) -> None:
     st.download_button(
         "Download CSV",
         demo.results_csv(rows, threshold, detector),
-        file_name=f"vitad-{detector.run.backbone}-{detector.run.method}-{detector.run.category}.csv",
+        file_name=f"vitad-{detector.run.name}-{detector.run.category}.csv",
         mime="text/csv",
     )
     columns = st.columns(GALLERY_COLUMNS)
@@ -149,7 +147,7 @@ def main() -> None:
         return
     if not runs:
         st.error(
-            f"No pipeline outputs under {root} (scores/<backbone>-<method>/<category>.safetensors with their "
+            f"No pipeline outputs under {root} (scores/<run>/<category>.safetensors with their "
             f"featurebanks/<backbone>/<category>.safetensors): run the pipeline first (`make run`), or set "
             f"{demo.PROJECT_ENV} to a project that has run it."
         )
@@ -157,7 +155,7 @@ def main() -> None:
     run = choose_run(runs)
     try:
         fingerprint = demo.detector_fingerprint(root, run)
-        detector = cached_detector(str(root), run.backbone, run.method, run.category, fingerprint)
+        detector = cached_detector(str(root), run.name, run.backbone, run.category, fingerprint)
     except demo.LOAD_ERRORS as error:
         st.error(f"Cannot serve {run.label}: {error}")
         return
@@ -167,7 +165,12 @@ def main() -> None:
             f"{run.backbone} is randomly initialised (params.yaml weights: random): the scores show how the pipeline "
             "works, not how well pretrained features detect defects."
         )
-    st.caption(f"{run.label} · scores are {run.method} distances of patch features to the defect-free training images")
+    else:
+        st.success(f"{run.backbone} uses pretrained weights ({detector.weights_info.get('source', '')}).")
+    st.caption(
+        f"{run.label} · recipe {detector.recipe} · scores are distances of patch features to the defect-free "
+        "training images"
+    )
     single_tab, batch_tab = st.tabs(["Single image", "Batch"])
     with single_tab:
         single_image(detector, threshold)

@@ -27,7 +27,7 @@ from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.coreset import greedy_coreset  # noqa: E402
+from vitad.scoring.coreset import greedy_coreset  # noqa: E402
 from vitad.scoring import KNNScorer, MahalanobisScorer  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; bank {n_bank} x {args.dim}, {n_queries} queries")
 
     faiss_scores, faiss_seconds = timed(lambda: plain_faiss_knn(train, test))
-    ours_scores, ours_seconds = timed(lambda: KNNScorer().fit(train).score(test))
+    ours_scores, ours_seconds = timed(lambda: KNNScorer().fit(train).score_samples(test))
     sklearn_scores, sklearn_seconds = timed(lambda: sklearn_knn(train, test))
     print(f"patch kNN  plain faiss {faiss_seconds:6.2f} s")
     print(f"patch kNN  vitad       {ours_seconds:6.2f} s  = {ours_seconds / faiss_seconds:.2f}x plain faiss")
@@ -87,9 +87,9 @@ def main() -> None:
 
     coreset_scorer = KNNScorer(coreset_ratio=0.1)
     _, coreset_fit_seconds = timed(lambda: coreset_scorer.fit(train))
-    _, coreset_score_seconds = timed(lambda: coreset_scorer.score(test))
+    _, coreset_score_seconds = timed(lambda: coreset_scorer.score_samples(test))
     full_scorer = KNNScorer().fit(train)
-    _, full_score_seconds = timed(lambda: full_scorer.score(test))
+    _, full_score_seconds = timed(lambda: full_scorer.score_samples(test))
     print(
         f"10 % coreset ({coreset_scorer.bank_size_} vectors): fit incl. selection {coreset_fit_seconds:.2f} s, "
         f"score {coreset_score_seconds:.2f} s vs {full_score_seconds:.2f} s without: "
@@ -103,7 +103,7 @@ def main() -> None:
 
     padim = MahalanobisScorer(per_position=True)
     _, padim_fit_seconds = timed(lambda: padim.fit(train))
-    _, padim_score_seconds = timed(lambda: padim.score(test))
+    _, padim_score_seconds = timed(lambda: padim.score_samples(test))
     print(
         f"per-position Mahalanobis (Ledoit-Wolf): {args.grid * args.grid} positions x {args.dim} d from "
         f"{args.train_images} images: fit {padim_fit_seconds:.2f} s, score {args.test_images} images "

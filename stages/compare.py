@@ -3,7 +3,7 @@
 Columns are the selected test images (same rule as the heatmap stage: first
 heatmap.examples_per_defect per defect type, then heatmap.good_examples good ones); the first
 two rows show the images and their ground truth, then one row of anomaly-map overlays per
-run of pipeline.runs (<backbone>-<method>, in params order), each with its own colourbar. Rows
+run of pipeline.runs (<run>, in params order), each with its own colourbar. Rows
 come from params, not from listing --scores, so score directories left behind by a run since
 removed from the pipeline never show up.
 
@@ -22,13 +22,13 @@ from vitad.cli import run_stage  # noqa: E402
 from vitad.figures import FigureSettings, render_comparison  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
 from vitad.io import reset_directory  # noqa: E402
-from vitad.params import load_params, pipeline_run_names, string_list  # noqa: E402
+from vitad.params import load_params, run_names, string_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--scores", required=True, type=Path, help="directory holding the <backbone>-<method>/ score directories of pipeline.runs")
+    parser.add_argument("--scores", required=True, type=Path, help="directory holding the <run>/ score directories of pipeline.runs")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (MVTec layout)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     categories = string_list(params, "data.categories")
     settings = FigureSettings.from_params(params)
-    score_dirs = [args.scores / name for name in pipeline_run_names(params)]
+    score_dirs = [args.scores / name for name in run_names(params)]
 
     reset_directory(args.out)
     for category in categories:
         rows = [read_category_scores(d / f"{category}.safetensors", expected_category=category) for d in score_dirs]
         path = render_comparison(args.out / f"{category}.png", rows, args.data, settings)
-        print(f"{category}: {len(rows)} runs (backbone x method rows) -> {path}")
+        print(f"{category}: {len(rows)} runs (one row each) -> {path}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""evaluate stage: metrics and curves of one backbone x method over data.categories.
+"""evaluate stage: metrics and curves of one run of pipeline.runs over data.categories.
 
 Writes
-- --metrics (e.g. reports/metrics/<backbone>-<method>.json): {category: {image_auroc, pixel_auroc,
-  aupro, image_ap, pixel_ap, f1_max, pixel_f1_max}, "mean": {...}} (a DVC metrics file;
-  f1_max is image-level; null = undefined);
-- <metrics stem>.info.json next to it: backbone, method, weights, evaluation settings, test image
+- --metrics (e.g. reports/metrics/<run>.json): {category: {image_auroc, pixel_auroc, aupro,
+  image_ap, pixel_ap, f1_max, pixel_f1_max, embedding_image_auroc, embedding_image_ap}, "mean":
+  {...}} (a DVC metrics file; f1_max is image-level; null = undefined);
+- <metrics stem>.info.json next to it: run, backbone, recipe, method, weights, evaluation settings, test image
   counts (read by the report stage);
 - --plots/<curve>.csv for image_roc, image_pr, pixel_roc, pixel_pr and pro, with a category
   column (DVC plots; pixel curves downsampled to about 1000 points per category).
@@ -36,7 +36,7 @@ from vitad.params import load_params, param, string_list  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--scores", required=True, type=Path, help="scores/<backbone>-<method>")
+    parser.add_argument("--scores", required=True, type=Path, help="scores/<run>")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (MVTec layout)")
     parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
     parser.add_argument("--plots", required=True, type=Path, help="directory for the curve CSVs")
@@ -44,12 +44,11 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     categories = string_list(params, "data.categories")
-    sigma = param(params, "heatmap.sigma", (int, float))
     resolution = param(params, "evaluate.resolution", str, choices=RESOLUTIONS)
     fpr_limit = param(params, "evaluate.fpr_limit", (int, float))
 
     try:
-        run = evaluate_run(args.data, args.scores, categories, sigma, resolution, fpr_limit)
+        run = evaluate_run(args.data, args.scores, categories, resolution, fpr_limit)
     except (EvaluationError, ScoresError) as error:
         raise StageError(str(error)) from error
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         write_text(args.plots / f"{name}.csv", table)
     mean = {name: "n/a" if value is None else f"{value:.4f}" for name, value in record["mean"].items()}
     print(
-        f"{run.backbone} · {run.method}: mean image AUROC {mean['image_auroc']}, pixel AUROC "
+        f"{run.run}: mean image AUROC {mean['image_auroc']}, pixel AUROC "
         f"{mean['pixel_auroc']}, AU-PRO {mean['aupro']} -> {args.metrics}, {args.plots}"
     )
 

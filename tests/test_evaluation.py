@@ -37,19 +37,24 @@ def write_scores(path: Path, data_root: Path, category: str, seed: int = 0, meth
     patch_scores = np.stack(grids).astype(np.float32)  # [M, GRID, GRID]
     image_scores = patch_scores.reshape(len(samples), -1).max(axis=1)
     metadata = {
+        "run": f"resnet50-{method}",
         "backbone": "resnet50",
+        "recipe": method,
         "method": method,
         "category": category,
+        "sigma": 4,
+        "image_size": 64,
         "weights": weights,
         "grid": [GRID, GRID],
         "test_samples": [sample.to_dict() for sample in samples],
         **extra,
     }
-    save_arrays(path, {"image_scores": image_scores, "patch_scores": patch_scores, "embedding_scores": image_scores}, metadata)
+    embedding_scores = patch_scores.reshape(len(samples), -1).mean(axis=1)
+    save_arrays(path, {"image_scores": image_scores, "patch_scores": patch_scores, "embedding_scores": embedding_scores}, metadata)
     return path
 
 
-def independent_pixel_data(data_root: Path, scores_path: Path, sigma: float, size: int | None = None):
+def independent_pixel_data(data_root: Path, scores_path: Path, size: int | None = None):
     """Masks read straight from the PNGs and maps from the patch grids, built without vitad.evaluation."""
     arrays, metadata = load_arrays(scores_path)
     masks, maps = [], []
@@ -62,7 +67,7 @@ def independent_pixel_data(data_root: Path, scores_path: Path, sigma: float, siz
         if size:
             mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
         masks.append(mask)
-        maps.append(anomaly_map(arrays["patch_scores"][index], target, sigma))
+        maps.append(anomaly_map(arrays["patch_scores"][index], target, metadata["sigma"], metadata["image_size"]))
     return masks, maps
 
 
@@ -78,10 +83,10 @@ def load_stage(name: str):
 
 def test_original_resolution_metrics_match_an_independent_computation(tiny_dataset, tmp_path):
     path = write_scores(tmp_path / "washer.safetensors", tiny_dataset, "washer")
-    values, curves = evaluation.evaluate_category(tiny_dataset, path, sigma=4)
+    values, curves = evaluation.evaluate_category(tiny_dataset, path)
     assert set(values) == set(evaluation.METRIC_NAMES)
 
-    masks, maps = independent_pixel_data(tiny_dataset, path, sigma=4)
+    masks, maps = independent_pixel_data(tiny_dataset, path)
     assert masks[0].shape == (320, 320)  # washer's original size, not the 8 x 8 grid
     flat_masks = np.concatenate([m.ravel() for m in masks])
     flat_maps = np.concatenate([m.ravel() for m in maps])
@@ -94,6 +99,11 @@ def test_original_resolution_metrics_match_an_independent_computation(tiny_datas
     assert values["image_auroc"] == pytest.approx(skm.roc_auc_score(labels, arrays["image_scores"]), abs=1e-9)
     assert values["image_ap"] == pytest.approx(skm.average_precision_score(labels, arrays["image_scores"]), abs=1e-9)
     assert values["f1_max"] == pytest.approx(metrics.f1_max(labels, arrays["image_scores"]))
+    assert values["embedding_image_auroc"] == pytest.approx(skm.roc_auc_score(labels, arrays["embedding_scores"]), abs=1e-9)
+    assert values["embedding_image_ap"] == pytest.approx(
+        skm.average_precision_score(labels, arrays["embedding_scores"]), abs=1e-9
+    )
+    assert values["embedding_image_auroc"] != values["image_auroc"]  # two routes, two scores
     assert set(curves) == set(evaluation.CURVE_COLUMNS)
     assert len(curves["image_roc"][0]) <= len(labels) + 1
     assert all(len(x) == len(y) <= 1002 for x, y in curves.values())
@@ -101,19 +111,25 @@ def test_original_resolution_metrics_match_an_independent_computation(tiny_datas
 
 def test_model_resolution_uses_the_model_input_size(tiny_dataset, tmp_path):
     path = write_scores(tmp_path / "mesh.safetensors", tiny_dataset, "mesh", image_size=56)
-    values, _ = evaluation.evaluate_category(tiny_dataset, path, sigma=4, resolution="model")
-    masks, maps = independent_pixel_data(tiny_dataset, path, sigma=4, size=56)
+    values, _ = evaluation.evaluate_category(tiny_dataset, path, resolution="model")
+    masks, maps = independent_pixel_data(tiny_dataset, path, size=56)
     flat_masks = np.concatenate([m.ravel() for m in masks])
     flat_maps = np.concatenate([m.ravel() for m in maps])
     assert values["pixel_auroc"] == pytest.approx(skm.roc_auc_score(flat_masks, flat_maps), abs=1e-9)
-    original, _ = evaluation.evaluate_category(tiny_dataset, path, sigma=4)
+    original, _ = evaluation.evaluate_category(tiny_dataset, path)
     assert original["pixel_auroc"] != values["pixel_auroc"]
 
 
-def test_model_resolution_without_image_size_says_what_is_missing(tiny_dataset, tmp_path):
+def test_score_file_without_image_size_or_sigma_says_what_is_missing(tiny_dataset, tmp_path):
     path = write_scores(tmp_path / "mesh.safetensors", tiny_dataset, "mesh")
-    with pytest.raises(evaluation.EvaluationError, match="image_size"):
-        evaluation.evaluate_category(tiny_dataset, path, sigma=4, resolution="model")
+    arrays, metadata = load_arrays(path)
+    for key in ("image_size", "sigma"):
+        save_arrays(path, arrays, {name: value for name, value in metadata.items() if name != key})
+        with pytest.raises(ValueError, match=f"mesh.safetensors: missing {key}"):
+            evaluation.evaluate_category(tiny_dataset, path, resolution="model")
+    save_arrays(path, arrays, {**metadata, "sigma": -1})
+    with pytest.raises(ValueError, match="mesh.safetensors: sigma must be a number >= 0"):
+        evaluation.evaluate_category(tiny_dataset, path)
 
 
 def good_only_dataset(tiny_dataset: Path, root: Path) -> Path:
@@ -130,7 +146,7 @@ def test_category_without_defects_gives_nan_with_a_warning_naming_the_file(tiny_
     root = good_only_dataset(tiny_dataset, tmp_path / "data")
     path = write_scores(tmp_path / "weave.safetensors", root, "weave")
     with pytest.warns(metrics.UndefinedMetricWarning, match="weave.safetensors: image_auroc undefined"):
-        values, curves = evaluation.evaluate_category(root, path, sigma=4)
+        values, curves = evaluation.evaluate_category(root, path)
     assert all(np.isnan(value) for value in values.values())
     assert curves == {}
 
@@ -141,7 +157,7 @@ def test_mean_is_null_when_a_category_is_undefined(tiny_dataset, tmp_path):
     write_scores(tmp_path / "scores" / "weave.safetensors", root, "weave")
     write_scores(tmp_path / "scores" / "mesh.safetensors", root, "mesh")
     with pytest.warns(UserWarning):
-        run = evaluation.evaluate_run(root, tmp_path / "scores", ["weave", "mesh"], sigma=4)
+        run = evaluation.evaluate_run(root, tmp_path / "scores", ["weave", "mesh"])
         record = evaluation.metrics_record(run)
     assert record["weave"]["image_auroc"] is None and record["mean"]["image_auroc"] is None
     assert 0 <= record["mesh"]["image_auroc"] <= 1
@@ -156,7 +172,7 @@ def test_stale_scores_are_refused(tiny_dataset, tmp_path):
     metadata["test_samples"] = metadata["test_samples"][1:]
     save_arrays(path, {name: array[1:] for name, array in arrays.items()}, metadata)
     with pytest.raises(evaluation.EvaluationError, match="stale"):
-        evaluation.evaluate_category(tiny_dataset, path, sigma=4)
+        evaluation.evaluate_category(tiny_dataset, path)
 
 
 def test_nan_scores_are_refused_naming_the_file(tiny_dataset, tmp_path):
@@ -165,24 +181,24 @@ def test_nan_scores_are_refused_naming_the_file(tiny_dataset, tmp_path):
     arrays["patch_scores"][0, 0, 0] = np.nan
     save_arrays(path, arrays, metadata)
     with pytest.raises(ValueError, match="weave.safetensors.*NaN"):
-        evaluation.evaluate_category(tiny_dataset, path, sigma=4)
+        evaluation.evaluate_category(tiny_dataset, path)
 
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"resolution": "full"}, "evaluate.resolution"), ({"fpr_limit": 1.5}, "evaluate.fpr_limit"), ({"sigma": -1}, "heatmap.sigma")],
+    [({"resolution": "full"}, "evaluate.resolution"), ({"fpr_limit": 1.5}, "evaluate.fpr_limit")],
 )
 def test_bad_settings_name_their_parameter(tiny_dataset, tmp_path, settings, message):
     path = write_scores(tmp_path / "weave.safetensors", tiny_dataset, "weave")
     with pytest.raises(evaluation.EvaluationError, match=message):
-        evaluation.evaluate_category(tiny_dataset, path, **{"sigma": 4, **settings})
+        evaluation.evaluate_category(tiny_dataset, path, **settings)
 
 
 def test_score_files_of_one_run_must_agree(tiny_dataset, tmp_path):
     write_scores(tmp_path / "weave.safetensors", tiny_dataset, "weave")
     write_scores(tmp_path / "mesh.safetensors", tiny_dataset, "mesh", weights={"mode": "pretrained", "source": "facebook/dinov2-base"})
     with pytest.raises(evaluation.EvaluationError, match="disagree"):
-        evaluation.evaluate_run(tiny_dataset, tmp_path, ["weave", "mesh"], sigma=4)
+        evaluation.evaluate_run(tiny_dataset, tmp_path, ["weave", "mesh"])
 
 
 # ----------------------------------------------------------------------------- stages
@@ -191,7 +207,6 @@ def test_score_files_of_one_run_must_agree(tiny_dataset, tmp_path):
 def write_params(path: Path, categories, **evaluate) -> Path:
     params = {
         "data": {"categories": list(categories)},
-        "heatmap": {"sigma": 4},
         "evaluate": {"resolution": "original", "fpr_limit": 0.3, **evaluate},
     }
     path.write_text(yaml.safe_dump(params))
@@ -236,7 +251,7 @@ def test_evaluate_and_report_stages_write_deterministic_outputs(tiny_dataset, tm
     assert "RANDOM initialisation" in text and "mode=random, seed=0" in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "resnet50" in line]
     assert len(table) == 2 * (len(categories) + 1)
-    assert table[0].startswith("| **mean** | resnet50 | kmeans |")
+    assert table[0].startswith("| **mean** | resnet50-kmeans | kmeans | random | 4 |")  # runs in params order (yaml sorted them)
 
     again = tmp_path / "again"
     rerun_metrics, rerun_plots = run_evaluate(again, tiny_dataset, tmp_path / "scores" / "resnet50-kmeans", "resnet50-kmeans", params)
@@ -255,7 +270,7 @@ def test_evaluate_stage_turns_bad_input_into_a_stage_error(tiny_dataset, tmp_pat
 
 
 def write_runs_params(path: Path, backbone: str, methods: list[str]) -> Path:
-    runs = {f"{backbone}-{method}": {"backbone": backbone, "method": method} for method in methods}
+    runs = {f"{backbone}-{method}": {"backbone": backbone, "recipe": method} for method in methods}
     path.write_text(yaml.safe_dump({"pipeline": {"backbones": [backbone], "runs": runs}}))
     return path
 
@@ -279,7 +294,9 @@ def test_report_stage_names_a_run_without_metrics(tmp_path):
 
 def entry(backbone: str, method: str, random: bool, **values) -> evaluation.ReportEntry:
     info = {
+        "run": f"{backbone}-{method}",
         "backbone": backbone,
+        "recipe": method,
         "method": method,
         "weights": {"mode": "random" if random else "pretrained"},
         "random_weights": random,
@@ -296,10 +313,11 @@ def test_summary_marks_the_best_per_category_and_states_mixed_weights():
         entry("dinov2", "kmeans", True, image_auroc=0.95, aupro=0.7),
     ]
     text = evaluation.summary_markdown(entries)
-    assert "**Weights: mixed.** Randomly initialised (not pretrained): dinov2 · kmeans, dinov2 · knn" in text
+    assert "**Weights: mixed.** PRETRAINED: wrn50-knn. Randomly initialised" in text
+    assert "the methods): dinov2-knn, dinov2-kmeans." in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| bottle")]
-    assert [row[1:3] for row in rows] == [["dinov2", "kmeans"], ["dinov2", "knn"], ["wrn50", "knn"]]
-    image_auroc = [row[3] for row in rows]
-    aupro = [row[5] for row in rows]
-    assert image_auroc == ["**95.0**", "**95.0**", "90.0"]  # ties: both marked
-    assert aupro == ["70.0", "**80.0**", "n/a"]
+    assert [row[1:4] for row in rows] == [["wrn50-knn", "knn", "**pretrained**"], ["dinov2-knn", "knn", "random"], ["dinov2-kmeans", "kmeans", "random"]]
+    image_auroc = [row[5] for row in rows]
+    aupro = [row[7] for row in rows]
+    assert image_auroc == ["90.0", "**95.0**", "**95.0**"]  # ties: both marked
+    assert aupro == ["n/a", "**80.0**", "70.0"]

@@ -53,7 +53,7 @@ def _patch_region(size: tuple[int, int], grid: tuple[int, int], row: int, column
 # --- anomaly_map --------------------------------------------------------------------------------
 
 def test_anomaly_map_has_the_original_size_and_dtype():
-    heatmap = anomaly_map(np.zeros((16, 16), dtype=np.float64), (37, 53), sigma=4)
+    heatmap = anomaly_map(np.zeros((16, 16), dtype=np.float64), (37, 53), sigma=4, model_size=224)
     assert heatmap.shape == (37, 53)
     assert heatmap.dtype == np.float32
 
@@ -98,11 +98,28 @@ def test_blur_is_applied_at_full_resolution_after_upsampling():
     size, grid = (96, 128), (6, 8)
     patch_scores = _hot_patch(grid, 2, 3)
     sharp = anomaly_map(patch_scores, size, sigma=0)
-    blurred = anomaly_map(patch_scores, size, sigma=4)
-    np.testing.assert_allclose(blurred, gaussian_filter(sharp, sigma=4, mode="nearest"), atol=1e-6)
+    blurred = anomaly_map(patch_scores, size, sigma=4, model_size=size)
+    np.testing.assert_allclose(blurred, gaussian_filter(sharp, sigma=4, mode="mirror"), atol=1e-6)
     assert blurred.max() < sharp.max()
     assert (blurred > 1e-3).sum() > (sharp > 1e-3).sum()
     assert np.unravel_index(blurred.argmax(), size) in {(39, 55), (39, 56), (40, 55), (40, 56)}  # patch centre (40, 56)
+
+
+def test_sigma_is_in_model_input_pixels_at_any_output_resolution():
+    """sigma 4 at a 64 px model input is sigma 16 on a 256 px map (and 8 x 16 on a 128 x 256 one):
+    the map evaluated at the original resolution is the model-resolution map, upsampled."""
+    patch_scores = np.random.default_rng(2).random((8, 8)).astype(np.float32)
+    at_model = anomaly_map(patch_scores, (64, 64), sigma=4, model_size=64)
+    at_original = anomaly_map(patch_scores, (256, 256), sigma=4, model_size=64)
+    np.testing.assert_allclose(at_original, gaussian_filter(anomaly_map(patch_scores, (256, 256)), 16, mode="mirror"), atol=1e-6)
+    downsampled = at_original.reshape(64, 4, 64, 4).mean(axis=(1, 3))
+    assert np.corrcoef(downsampled.ravel(), at_model.ravel())[0, 1] > 0.999
+    non_square = anomaly_map(patch_scores, (128, 256), sigma=4, model_size=64)
+    np.testing.assert_allclose(
+        non_square, gaussian_filter(anomaly_map(patch_scores, (128, 256)), (8, 16), mode="mirror"), atol=1e-6
+    )
+    with pytest.raises(ValueError, match="model_size"):
+        anomaly_map(patch_scores, (64, 64), sigma=4)
 
 
 def test_sigma_zero_is_plain_bilinear_upsampling():
@@ -141,7 +158,7 @@ def test_colour_scale_spans_every_map_of_the_category():
     vmin, vmax = colour_scale(patch_scores)
     assert (vmin, vmax) == (float(patch_scores.min()), float(patch_scores.max()))
     for grid in patch_scores:
-        heatmap = anomaly_map(grid, (45, 60), sigma=3)
+        heatmap = anomaly_map(grid, (45, 60), sigma=3, model_size=30)
         assert vmin - 1e-6 <= heatmap.min() and heatmap.max() <= vmax + 1e-6
     low, high = colour_scale(np.full((2, 3, 3), 5.0, dtype=np.float32))
     assert low == 5.0 and high > low
@@ -158,12 +175,11 @@ def test_weights_are_random():
 
 
 def test_figure_settings_errors_name_the_key():
-    base = {"sigma": 4, "examples_per_defect": 1, "good_examples": 1}
-    assert FigureSettings.from_params({"heatmap": base}) == FigureSettings(4.0, 1, 1)
+    base = {"examples_per_defect": 1, "good_examples": 1}
+    assert FigureSettings.from_params({"heatmap": base}) == FigureSettings(1, 1)
     for key, value, message in [
-        ("sigma", -1, "heatmap.sigma"),
-        ("sigma", "4", "heatmap.sigma"),
         ("good_examples", -2, "heatmap.good_examples"),
+        ("examples_per_defect", "1", "heatmap.examples_per_defect"),
         ("dpi", 0, "heatmap.dpi"),
     ]:
         with pytest.raises(ParamsError, match=message):
@@ -177,7 +193,7 @@ def test_figure_settings_errors_name_the_key():
 def test_render_triplet_writes_a_valid_deterministic_png(tmp_path):
     rng = np.random.default_rng(0)
     image = (rng.random((60, 90, 3)) * 255).astype(np.uint8)
-    heatmap = anomaly_map(rng.random((4, 6), dtype=np.float32), (60, 90), sigma=2)
+    heatmap = anomaly_map(rng.random((4, 6), dtype=np.float32), (60, 90), sigma=2, model_size=32)
     mask = np.zeros((60, 90), dtype=bool)
     mask[10:20, 30:50] = True
     first = render_triplet(tmp_path / "a.png", image, heatmap, mask, (0.0, 1.0), "title", dpi=50)
@@ -210,7 +226,8 @@ def _write_scores(scores_root: Path, data_root: Path, backbone: str, method: str
         save_arrays(
             scores_root / f"{backbone}-{method}" / f"{category}.safetensors",
             {"image_scores": patch_scores.max(axis=(1, 2)), "patch_scores": patch_scores, "embedding_scores": patch_scores.mean(axis=(1, 2))},
-            {"backbone": backbone, "method": method, "category": category, "weights": weights,
+            {"run": f"{backbone}-{method}", "backbone": backbone, "recipe": method, "method": method,
+             "category": category, "weights": weights, "sigma": 4, "image_size": 8 * grid,
              "grid": [grid, grid], "test_samples": [s.to_dict() for s in test]},
         )
 
@@ -221,7 +238,7 @@ def pipeline_dir(tiny_dataset, tmp_path_factory):
     _write_scores(root / "scores", tiny_dataset, "resnet50", "knn", {"mode": "random", "seed": 0}, grid=8)
     _write_scores(root / "scores", tiny_dataset, "dinov2_vitb14", "knn", {"mode": "pretrained", "source": "x"}, grid=6)
     (root / "scores" / "removed_backbone-knn").mkdir()  # left behind by an earlier pipeline: not a row
-    runs = {f"{b}-knn": {"backbone": b, "method": "knn"} for b in ["resnet50", "dinov2_vitb14"]}
+    runs = {f"{b}-knn": {"backbone": b, "recipe": "knn"} for b in ["resnet50", "dinov2_vitb14"]}
     params = {"pipeline": {"backbones": ["resnet50", "dinov2_vitb14"], "runs": runs},
               "data": {"categories": CATEGORIES}, "heatmap": {"sigma": 4, "examples_per_defect": 1, "good_examples": 1, "dpi": 40}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -266,8 +283,10 @@ def test_compare_stage_writes_one_figure_per_category_with_a_row_per_method(pipe
 
 
 def _write_bad_scores(path: Path, n_patch_grids: int, category: str = "mesh") -> None:
-    save_arrays(path, {"image_scores": np.zeros(3, np.float32), "patch_scores": np.zeros((n_patch_grids, 4, 4), np.float32)},
-                {"backbone": "b", "method": "m", "category": category, "weights": {"mode": "random"},
+    save_arrays(path, {"image_scores": np.zeros(3, np.float32), "patch_scores": np.zeros((n_patch_grids, 4, 4), np.float32),
+                       "embedding_scores": np.zeros(3, np.float32)},
+                {"run": "b-m", "backbone": "b", "recipe": "m", "method": "m", "category": category,
+                 "weights": {"mode": "random"}, "sigma": 4, "image_size": 32,
                  "test_samples": [_sample("good", f"00{i}").to_dict() for i in range(3)]})
 
 
@@ -289,7 +308,7 @@ def test_bad_score_files_get_errors_naming_the_file(pipeline_dir, tiny_dataset, 
 def test_comparison_refuses_rows_scored_on_different_test_images(pipeline_dir, tiny_dataset, tmp_path):
     washer = read_category_scores(pipeline_dir / "scores" / "resnet50-knn" / "washer.safetensors")
     _write_bad_scores(tmp_path / "washer.safetensors", n_patch_grids=3, category="washer")
-    settings = FigureSettings(4.0, 1, 1)
+    settings = FigureSettings(1, 1)
     with pytest.raises(ScoresError, match="list different test images"):
         render_comparison(tmp_path / "c.png", [washer, read_category_scores(tmp_path / "washer.safetensors")], tiny_dataset, settings)
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = [("resnet50", "knn"), ("resnet50", "kmeans"), ("dinov2_vitb14", "knn")]
+RUNS = [("resnet50", "knn"), ("resnet50", "patchcore"), ("resnet50", "kmeans"), ("dinov2_vitb14", "knn")]
 PROJECT_FILES = ["vitad", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/plots"]
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def _stages_that_would_run(project: Path) -> set[str]:
 def _tiny(params: dict) -> None:
     params["pipeline"] = {
         "backbones": ["resnet50", "dinov2_vitb14"],
-        "runs": {f"{b}-{m}": {"backbone": b, "method": m} for b, m in RUNS},
+        "runs": {f"{b}-{r}": {"backbone": b, "recipe": r} for b, r in RUNS},
     }
     params["data"]["categories"] = ["weave", "mesh"]
     params["data"]["synthetic"].update(train_images=3, test_good_images=2, test_images_per_defect=1)
@@ -114,12 +114,20 @@ def test_knn_k_change_reruns_only_knn_scoring_and_after(project):
     assert stages, "changing score.knn.k must re-run something"
     assert not any(s.startswith(("download", "extract@")) for s in stages), stages
     assert {"score@resnet50-knn", "score@dinov2_vitb14-knn"} <= stages
-    assert not any("kmeans" in s for s in stages), stages
+    assert not any("kmeans" in s or "patchcore" in s for s in stages), stages  # other recipes, also of method knn
+
+
+def test_one_runs_override_reruns_only_that_run(project):
+    with _params_edited(project, lambda p: p["pipeline"]["runs"]["resnet50-patchcore"].update(k=2, sigma=2)):
+        stages = _stages_that_would_run(project)
+    runs = {stage.split("@")[1] for stage in stages if "@" in stage}
+    assert runs == {"resnet50-patchcore"}, stages
+    assert {"score@resnet50-patchcore", "heatmap@resnet50-patchcore", "evaluate@resnet50-patchcore"} <= stages
 
 
 def test_new_run_adds_only_its_own_stages(project):
     def add_run(params):
-        params["pipeline"]["runs"]["dinov2_vitb14-kmeans"] = {"backbone": "dinov2_vitb14", "method": "kmeans"}
+        params["pipeline"]["runs"]["dinov2_vitb14-kmeans"] = {"backbone": "dinov2_vitb14", "recipe": "kmeans"}
 
     # `dvc repro --dry` cannot plan stages whose inputs do not exist yet; `dvc status` can.
     with _params_edited(project, add_run):

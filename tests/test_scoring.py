@@ -7,7 +7,7 @@ import yaml
 from sklearn.covariance import OAS, LedoitWolf
 from sklearn.decomposition import PCA
 
-from vitad.coreset import coreset_size
+from vitad.scoring.coreset import coreset_size
 from vitad.data import Sample
 from vitad.featurebank import read_bank, write_bank
 from vitad.io import load_arrays
@@ -19,6 +19,7 @@ from vitad.scoring import (
     MahalanobisScorer,
     ScoringError,
     aggregate_image_scores,
+    few_shot_indices,
     make_scorer,
     score_bank,
 )
@@ -59,12 +60,12 @@ def test_aggregation_rules():
 @pytest.mark.parametrize("k", [1, 3])
 def test_knn_equals_cosine_brute_force_at_both_levels(k):
     train, test = _gaussian((40, 12), seed=1), _gaussian((9, 12), seed=2)
-    scores = KNNScorer(k=k).fit(train).score(test)
+    scores = KNNScorer(k=k).fit(train).score_samples(test)
     assert scores.shape == (9,) and scores.dtype == np.float32
     np.testing.assert_allclose(scores, _cosine_knn_brute_force(train, test, k), atol=1e-5)
 
     train_patches, test_patches = _gaussian((5, 3, 4, 12), seed=3), _gaussian((2, 3, 4, 12), seed=4)
-    patch_scores = KNNScorer(k=k).fit(train_patches).score(test_patches)
+    patch_scores = KNNScorer(k=k).fit(train_patches).score_samples(test_patches)
     assert patch_scores.shape == (2, 3, 4)
     expected = _cosine_knn_brute_force(train_patches.reshape(-1, 12), test_patches.reshape(-1, 12), k)
     np.testing.assert_allclose(patch_scores.reshape(-1), expected, atol=1e-5)
@@ -93,7 +94,7 @@ def test_planted_outlier_ranked_first(scorer):
     train = _clustered((20, 4, 4, 16), direction, seed=5)
     test = _clustered((6, 4, 4, 16), direction, seed=6)
     test[4, 2, 1] = -direction + 0.1 * _gaussian(16, seed=7)  # opposite direction, far in every metric
-    patch_scores = scorer.fit(train).score(test)
+    patch_scores = scorer.fit(train).score_samples(test)
     assert np.unravel_index(np.argmax(patch_scores), patch_scores.shape) == (4, 2, 1)
     for rule in ("max", "top1pct_mean"):
         assert np.argmax(aggregate_image_scores(patch_scores, rule)) == 4
@@ -101,12 +102,12 @@ def test_planted_outlier_ranked_first(scorer):
     image_train = _clustered((30, 16), direction, seed=8)
     image_test = _clustered((5, 16), direction, seed=9)
     image_test[2] = -direction
-    assert np.argmax(scorer.fit(image_train).score(image_test)) == 2
+    assert np.argmax(scorer.fit(image_train).score_samples(image_test)) == 2
 
 
 def test_knn_zero_vector_scores_distance_one():
     train = _gaussian((10, 6), seed=10)
-    scores = KNNScorer().fit(train).score(np.zeros((1, 6), dtype=np.float32))
+    scores = KNNScorer().fit(train).score_samples(np.zeros((1, 6), dtype=np.float32))
     np.testing.assert_allclose(scores, [1.0])
 
 
@@ -121,19 +122,25 @@ def test_knn_coreset_shrinks_bank_and_only_raises_distances():
     train, test = _gaussian((10, 4, 4, 8), seed=11), _gaussian((3, 4, 4, 8), seed=12)
     full = KNNScorer().fit(train)
     reduced = KNNScorer(coreset_ratio=0.25).fit(train)
-    assert full.bank_size_ == 160 and reduced.bank_size_ == coreset_size(160, 0.25) == 40
+    assert len(full.memory_bank_) == 160 and len(reduced.memory_bank_) == coreset_size(160, 0.25) == 40
     # The coreset is a subset of the bank: the nearest neighbour can only be farther away.
-    assert np.all(reduced.score(test) >= full.score(test) - 1e-6)
-    np.testing.assert_array_equal(reduced.score(test), KNNScorer(coreset_ratio=0.25).fit(train).score(test))
+    assert np.all(reduced.score_samples(test) >= full.score_samples(test) - 1e-6)
+    np.testing.assert_array_equal(reduced.score_samples(test), KNNScorer(coreset_ratio=0.25).fit(train).score_samples(test))
     # Image-level banks are kept whole.
-    assert KNNScorer(coreset_ratio=0.25).fit(train[:, 0, 0]).bank_size_ == 10
+    assert len(KNNScorer(coreset_ratio=0.25).fit(train[:, 0, 0]).memory_bank_) == 10
 
 
-def test_few_shot_uses_the_first_training_images():
+def test_few_shot_draws_seeded_random_training_images():
+    """AnomalyDINO samples its reference images: a seeded draw, not the first n files."""
     train, test = _gaussian((8, 2, 2, 6), seed=13), _gaussian((3, 2, 2, 6), seed=14)
-    np.testing.assert_array_equal(
-        KNNScorer(few_shot=2).fit(train).score(test), KNNScorer().fit(train[:2]).score(test)
-    )
+    drawn = few_shot_indices(8, 2, seed=5)
+    assert len(drawn) == 2 and len(set(drawn)) == 2 and list(drawn) == sorted(drawn)
+    assert list(drawn) == list(few_shot_indices(8, 2, seed=5))
+    assert {tuple(few_shot_indices(8, 2, seed)) for seed in range(10)} != {(0, 1)}  # not the first files
+    scorer = KNNScorer(few_shot=2, seed=5).fit(train)
+    np.testing.assert_array_equal(scorer.train_indices_, drawn)
+    np.testing.assert_array_equal(scorer.score_samples(test), KNNScorer().fit(train[drawn]).score_samples(test))
+    np.testing.assert_array_equal(few_shot_indices(8, None, seed=5), np.arange(8))
     with pytest.raises(ScoringError, match=r"score\.knn\.few_shot = 9 but there are only 8"):
         KNNScorer(few_shot=9).fit(train)
 
@@ -152,7 +159,7 @@ def _mahalanobis_numpy(train, test, epsilon):
 @pytest.mark.parametrize("n_train", [60, 12], ids=["n>d (covariance)", "n<d (Woodbury)"])
 def test_mahalanobis_fixed_epsilon_equals_numpy(n_train):
     train, test = _gaussian((n_train, 20), seed=15, scale=2.0), _gaussian((7, 20), seed=16, scale=2.0)
-    scores = MahalanobisScorer(shrinkage="fixed", epsilon=0.05).fit(train).score(test)
+    scores = MahalanobisScorer(shrinkage="fixed", epsilon=0.05).fit(train).score_samples(test)
     np.testing.assert_allclose(scores, _mahalanobis_numpy(train, test, 0.05), rtol=1e-5)
 
 
@@ -162,7 +169,7 @@ def test_mahalanobis_shrinkage_equals_scikit_learn(n_train, shrinkage, estimator
     train, test = _gaussian((n_train, 20), seed=17), _gaussian((7, 20), seed=18)
     train[:, 3] *= 10  # anisotropic, so the shrinkage coefficient matters
     reference = np.sqrt(estimator().fit(train.astype(np.float64)).mahalanobis(test.astype(np.float64)))
-    scores = MahalanobisScorer(shrinkage=shrinkage).fit(train).score(test)
+    scores = MahalanobisScorer(shrinkage=shrinkage).fit(train).score_samples(test)
     np.testing.assert_allclose(scores, reference, rtol=1e-5)
 
 
@@ -170,7 +177,7 @@ def test_mahalanobis_shrinkage_equals_scikit_learn(n_train, shrinkage, estimator
 def test_per_position_equals_one_ledoit_wolf_per_position(n_train):
     train, test = _gaussian((n_train, 2, 3, 10), seed=19), _gaussian((4, 2, 3, 10), seed=20)
     train[:, 1, 2] *= 5  # positions differ
-    scores = MahalanobisScorer(per_position=True).fit(train).score(test)
+    scores = MahalanobisScorer(per_position=True).fit(train).score_samples(test)
     assert scores.shape == (4, 2, 3)
     for row in range(2):
         for column in range(3):
@@ -185,7 +192,7 @@ def test_shared_patch_gaussian_and_pca_equal_scikit_learn():
     pca = PCA(n_components=5).fit(train_flat)
     fitted = LedoitWolf().fit(pca.transform(train_flat))
     expected = np.sqrt(fitted.mahalanobis(pca.transform(test.reshape(-1, 16).astype(np.float64)))).reshape(2, 3, 3)
-    scores = MahalanobisScorer(pca_dims=5).fit(train).score(test)
+    scores = MahalanobisScorer(pca_dims=5).fit(train).score_samples(test)
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     with pytest.raises(ScoringError, match=r"score\.mahalanobis\.pca_dims = 17"):
         MahalanobisScorer(pca_dims=17).fit(train)
@@ -198,7 +205,7 @@ def test_degenerate_covariance_is_an_error_or_the_documented_epsilon():
         with pytest.raises(ScoringError, match="degenerate covariance"):
             scorer.fit(constant if scorer.per_position is False else constant.reshape(5, 2, 2, 8))
     # fixed epsilon regularises: Σ = ε I, distance |x - m| / sqrt(ε)
-    scores = MahalanobisScorer(shrinkage="fixed", epsilon=0.25).fit(constant).score(test)
+    scores = MahalanobisScorer(shrinkage="fixed", epsilon=0.25).fit(constant).score_samples(test)
     np.testing.assert_allclose(scores, np.linalg.norm(test - 1.0, axis=1) / 0.5, rtol=1e-5)
     # no shrinkage with fewer vectors than dimensions: singular
     with pytest.raises(ScoringError, match="degenerate covariance"):
@@ -208,7 +215,7 @@ def test_degenerate_covariance_is_an_error_or_the_documented_epsilon():
 def test_per_position_needs_the_fitted_grid():
     scorer = MahalanobisScorer(per_position=True).fit(_gaussian((12, 2, 2, 4)))
     with pytest.raises(ScoringError, match="2x2 patch grid, test grid is 3x2"):
-        scorer.score(_gaussian((1, 3, 2, 4)))
+        scorer.score_samples(_gaussian((1, 3, 2, 4)))
 
 
 # --- KMeans --------------------------------------------------------------------------------------
@@ -219,8 +226,8 @@ def test_kmeans_is_distance_to_nearest_centroid():
     scorer = KMeansScorer(n_clusters=4, seed=1).fit(train)
     centroids = scorer.kmeans_.cluster_centers_
     expected = np.linalg.norm(test[:, None, :] - centroids[None], axis=2).min(axis=1)
-    np.testing.assert_allclose(scorer.score(test), expected, rtol=1e-5)
-    np.testing.assert_array_equal(scorer.score(test), KMeansScorer(n_clusters=4, seed=1).fit(train).score(test))
+    np.testing.assert_allclose(scorer.score_samples(test), expected, rtol=1e-5)
+    np.testing.assert_array_equal(scorer.score_samples(test), KMeansScorer(n_clusters=4, seed=1).fit(train).score_samples(test))
     with pytest.raises(ScoringError, match=r"3 training vectors but score\.kmeans\.n_clusters = 4"):
         KMeansScorer(n_clusters=4).fit(train[:3])
 
@@ -237,13 +244,13 @@ def test_non_finite_and_empty_features_are_errors(method):
         make_scorer(method, {}).fit(bad)
     scorer = make_scorer(method, {}).fit(train)
     with pytest.raises(ScoringError, match="test features contain 2 NaN/inf"):
-        scorer.score(np.where(np.arange(8) == 0, np.inf, train[:2]))
+        scorer.score_samples(np.where(np.arange(8) == 0, np.inf, train[:2]))
     with pytest.raises(ScoringError, match="training features are empty"):
         make_scorer(method, {}).fit(np.zeros((0, 8), dtype=np.float32))
     with pytest.raises(ScoringError, match="do not match"):
-        scorer.score(_gaussian((1, 2, 2, 8)))
+        scorer.score_samples(_gaussian((1, 2, 2, 8)))
     with pytest.raises(ScoringError, match="do not match"):
-        scorer.score(_gaussian((1, 7)))
+        scorer.score_samples(_gaussian((1, 7)))
 
 
 @pytest.mark.parametrize(
@@ -272,7 +279,8 @@ def test_unknown_method_and_defaults():
     with pytest.raises(ParamsError, match="unknown scoring method 'lof'"):
         make_scorer("lof", {})
     assert make_scorer("knn", None).get_params() == {
-        "k": 1, "coreset_ratio": 1.0, "seed": 0, "aggregate": "max", "few_shot": None,
+        "k": 1, "metric": "cosine", "coreset_ratio": 1.0, "coreset_projection_dim": 128, "reweight_neighbors": 1,
+        "channel_pooling": None, "seed": 0, "aggregate": "max", "few_shot": None,
     }
 
 
@@ -312,7 +320,7 @@ def _write_bank(path: Path, category: str, seed: int, poison: bool = False) -> N
 def test_score_bank_both_routes(tmp_path):
     _write_bank(tmp_path / "weave.safetensors", "weave", seed=30)
     bank = read_bank(tmp_path / "weave.safetensors")
-    scores = score_bank(bank, "knn", {"k": 2, "aggregate": "top1pct_mean"}, source="weave.safetensors")
+    scores = score_bank(bank, "knn", {"k": 2, "aggregate": "top1pct_mean"}, {"k": 2}, source="weave.safetensors")
     assert scores.patch_scores.shape == (3, 3, 3) and scores.embedding_scores.shape == (3,)
     np.testing.assert_array_equal(scores.image_scores, aggregate_image_scores(scores.patch_scores, "top1pct_mean"))
     assert np.argmax(scores.image_scores) == 1
@@ -327,9 +335,15 @@ def _run_stage(tmp_path, section, categories=("weave", "mesh"), method="knn"):
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump({"data": {"categories": list(categories)}, "score": {method: section}}))
+    params = {
+        "data": {"categories": list(categories)},
+        "pipeline": {"backbones": ["tiny"], "runs": {f"tiny-{method}": {"backbone": "tiny", "recipe": method}}},
+        "score": {method: {"method": method, **section}},
+        "heatmap": {"sigma": 4},
+    }
+    params_path.write_text(yaml.safe_dump(params))
     stage.main([
-        "--backbone", "tiny", "--method", method, "--featurebanks", str(tmp_path / "banks"),
+        "--run", f"tiny-{method}", "--featurebanks", str(tmp_path / "banks"),
         "--out", str(tmp_path / "scores"), "--params", str(params_path),
     ])
 
@@ -346,8 +360,13 @@ def test_score_stage_writes_scores_with_metadata(tmp_path, capsys):
         "image_scores": ((3,), np.float32), "patch_scores": ((3, 3, 3), np.float32), "embedding_scores": ((3,), np.float32),
     }
     assert np.argmax(arrays["image_scores"]) == 1
+    assert metadata["run"] == "tiny-knn" and metadata["recipe"] == "knn" and metadata["sigma"] == 4
     assert metadata["backbone"] == "tiny" and metadata["method"] == "knn" and metadata["category"] == "weave"
-    assert metadata["params"] == {"k": 1, "aggregate": "max", "coreset_ratio": 0.5, "few_shot": None, "seed": 0}
+    assert metadata["params"] == {
+        "k": 1, "metric": "cosine", "aggregate": "max", "coreset_ratio": 0.5, "coreset_projection_dim": 128,
+        "reweight_neighbors": 1, "channel_pooling": None, "few_shot": None, "seed": 0,
+    }
+    assert metadata["embedding_params"]["k"] == 1 and metadata["embedding_params"]["coreset_ratio"] == 1.0  # patch-only: default
     assert metadata["weights"] == {"mode": "random", "seed": 0} and metadata["grid"] == [3, 3]
     assert [Sample.from_dict(s).defect for s in metadata["test_samples"]] == ["good", "crack", "good"]
     assert "weave: fit" in capsys.readouterr().out

@@ -2,9 +2,9 @@
 
 The demo scores uploaded images with exactly what the pipeline produced and used:
 
-- :func:`list_runs`: the (backbone, method, category) triples that have both a feature bank
+- :func:`list_runs`: the (run, backbone, category) triples that have both a feature bank
   (``featurebanks/<backbone>/<category>.safetensors``) and scores
-  (``scores/<backbone>-<method>/<category>.safetensors``) under the project root.
+  (``scores/<run>/<category>.safetensors``) under the project root.
 - :func:`load_detector`: rebuilds the extractor that wrote the bank (its recorded params entry,
   weights switch and seed; the recorded weights are checked), fits the patch-level scorer on
   the bank's training features with the parameters recorded in the score file, and calibrates a
@@ -14,7 +14,7 @@ The demo scores uploaded images with exactly what the pipeline produced and used
 - :func:`decode_upload`: uploaded bytes -> RGB image, refusing what is not an image, truncated
   files and decompression bombs with an :class:`UploadError` naming the file.
 - :meth:`Detector.score`: the pipeline's preprocessing, extractor, scorer, image-score rule and
-  :func:`vitad.heatmap.anomaly_map` on one image.
+  :func:`vitad.heatmap.anomaly_map` (with the run's sigma) on one image.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from vitad.data import DatasetError, preprocess
 from vitad.featurebank import INFO_KEYS, PATCH_DTYPES, extract_settings, read_bank
 from vitad.figures import OVERLAY_ALPHA, OVERLAY_CMAP, colour_scale
 from vitad.heatmap import anomaly_map
-from vitad.io import load_arrays
-from vitad.params import ParamsError, load_params, param, pipeline_run_names, string_list
+from vitad.io import load_arrays, load_metadata
+from vitad.params import ParamsError, load_params, run_names, string_list
 from vitad.scorefile import ScoresError, read_category_scores
-from vitad.scoring import SCORERS, ScoringError, aggregate_image_scores, make_scorer
+from vitad.scoring import ScoringError, few_shot_indices, make_scorer
 
 PROJECT_ENV = "VITAD_PROJECT"
 # Uploads above this many pixels are refused before decoding (about 4096 x 4096: a 16 MP photo
@@ -55,8 +55,8 @@ CALIBRATION_FOLDS = 5
 # Longest side of the overlays the page shows (the anomaly map itself is at full resolution).
 DISPLAY_SIDE = 1024
 CSV_COLUMNS = (
-    "file", "width", "height", "anomaly_score", "threshold", "decision", "backbone", "method", "category", "weights",
-    "message",
+    "file", "width", "height", "anomaly_score", "threshold", "decision", "run", "backbone", "recipe", "category",
+    "weights", "message",
 )
 
 
@@ -79,29 +79,30 @@ def project_root(environ: dict | None = None) -> Path:
     return Path(environ.get(PROJECT_ENV) or Path.cwd()).resolve()
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Run:
-    """One pipeline result the demo can serve."""
+    """One pipeline result the demo can serve: a run of pipeline.runs on one category."""
 
+    name: str  # the run's key in pipeline.runs (its scores directory)
     backbone: str
-    method: str
     category: str
 
     @property
     def label(self) -> str:
-        return f"{self.backbone} · {self.method} · {self.category}"
+        return f"{self.name} · {self.category}"
 
     def bank_path(self, root: Path) -> Path:
         return root / "featurebanks" / self.backbone / f"{self.category}.safetensors"
 
     def scores_path(self, root: Path) -> Path:
-        return root / "scores" / f"{self.backbone}-{self.method}" / f"{self.category}.safetensors"
+        return root / "scores" / self.name / f"{self.category}.safetensors"
 
 
 def list_runs(root: str | Path) -> list[Run]:
-    """Sorted (backbone, method, category) triples with a score file AND the feature bank to fit
-    on, found from the files under ``root`` (``scores/<backbone>-<method>/<category>.safetensors``,
-    methods from :data:`vitad.scoring.SCORERS`).
+    """The (run, backbone, category) triples with a score file AND the feature bank to fit on,
+    found from the files under ``root`` (``scores/<run>/<category>.safetensors``, the backbone
+    read from its metadata): in params.yaml's order of runs and categories when ``root`` has a
+    params.yaml, else sorted.
 
     With a ``params.yaml`` under ``root``, only its ``pipeline.runs`` and ``data.categories``:
     DVC leaves the untracked outputs of a run or category removed from params.yaml in the
@@ -111,25 +112,23 @@ def list_runs(root: str | Path) -> list[Run]:
     scores_dir = root / "scores"
     if not scores_dir.is_dir():
         return []
-    current_runs = current_categories = None  # None: no params.yaml, every run found counts
     if (root / "params.yaml").is_file():
         params = load_params(root / "params.yaml")
-        current_runs = set(pipeline_run_names(params))
-        current_categories = set(string_list(params, "data.categories"))
+        names, categories = run_names(params), string_list(params, "data.categories")
+    else:
+        names = sorted(path.name for path in scores_dir.iterdir() if path.is_dir())
+        categories = sorted({path.stem for path in scores_dir.glob("*/*.safetensors")})
     runs = []
-    for run_dir in scores_dir.iterdir():
-        backbone, _, method = run_dir.name.rpartition("-")
-        if not (run_dir.is_dir() and backbone and method in SCORERS):
-            continue
-        if current_runs is not None and run_dir.name not in current_runs:
-            continue
-        for scores_file in run_dir.glob("*.safetensors"):
-            run = Run(backbone, method, scores_file.stem)
-            if current_categories is not None and run.category not in current_categories:
+    for name in names:
+        for category in categories:
+            scores_file = scores_dir / name / f"{category}.safetensors"
+            if not scores_file.is_file():
                 continue
-            if run.bank_path(root).is_file():
+            backbone = load_metadata(scores_file).get("backbone")
+            run = Run(name, backbone, category) if isinstance(backbone, str) else None
+            if run is not None and run.bank_path(root).is_file():
                 runs.append(run)
-    return sorted(runs)
+    return runs
 
 
 def detector_fingerprint(root: str | Path, run: Run) -> str:
@@ -231,8 +230,9 @@ def holdout_image_scores(
     Only training features ``train_patches`` [N, h, w, D] are used (never test images or labels).
     C = min(N, ``max_images``) images, evenly spaced over the training set, are held out:
 
-    - ``few_shot`` n < N: the scorer is fitted on the first n images only, so the held-out images
-      are taken from the N - n images it never sees, and one fit serves them all;
+    - ``few_shot`` n < N: the scorer is fitted on n images drawn at random
+      (:func:`vitad.scoring.few_shot_indices`), so the held-out images are taken from the N - n
+      images it never sees, and one fit serves them all;
     - otherwise they are split into min(``n_folds``, C) folds; each fold is scored by a scorer
       fitted on all the other training images (the bank is then 1 fold smaller than the final
       one, so the scores lean slightly high: a conservative threshold).
@@ -240,11 +240,10 @@ def holdout_image_scores(
     n_train = len(train_patches)
     few_shot = scorer_params.get("few_shot")
     if few_shot is not None and few_shot < n_train:
-        unseen = np.arange(few_shot, n_train)
+        unseen = np.setdiff1d(np.arange(n_train), few_shot_indices(n_train, few_shot, scorer_params.get("seed", 0)))
         indices = unseen[np.unique(np.linspace(0, len(unseen) - 1, min(max_images, len(unseen))).round().astype(int))]
         scorer = make_scorer(method, scorer_params).fit(train_patches)
-        patch_scores = scorer.score(train_patches[indices])  # [C, h, w]
-        return indices, aggregate_image_scores(patch_scores, scorer.aggregate)
+        return indices, scorer.image_scores(train_patches[indices])[0]
     if n_train < 2:
         raise DemoError(
             f"{n_train} training image: at least 2 are needed to calibrate a threshold on held-out training images"
@@ -256,8 +255,7 @@ def holdout_image_scores(
     for fold in np.array_split(indices, min(n_folds, len(indices))):
         kept = np.setdiff1d(np.arange(n_train), fold)
         scorer = make_scorer(method, fold_params).fit(train_patches[kept])
-        fold_scores = aggregate_image_scores(scorer.score(train_patches[fold]), scorer.aggregate)
-        image_scores[position : position + len(fold)] = fold_scores
+        image_scores[position : position + len(fold)] = scorer.image_scores(train_patches[fold])[0]
         position += len(fold)
     return indices, image_scores
 
@@ -292,12 +290,13 @@ class Detector:
     extractor: FeatureExtractor
     scorer: object  # a fitted vitad.scoring scorer (patch level)
     patch_dtype: str  # the bank's storage dtype; new features are rounded to it like the bank's
-    sigma: float  # heatmap.sigma
+    sigma: float  # the run's heatmap blur, pixels at the model input
     threshold: float  # calibrated on held-out training images
     holdout_scores: np.ndarray  # [C] the held-out training image scores behind the threshold
     colour_scale: tuple[float, float]  # the pipeline's heatmap colour scale for this run
     train_sizes: tuple[tuple[int, int], ...]  # (height, width) of the training images
     weights_info: dict
+    recipe: str  # the run's recipe (a section of params.yaml's score)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -331,35 +330,32 @@ class Detector:
         patch_grid = np.empty(grid_shape, dtype=PATCH_DTYPES[self.patch_dtype])
         with self._lock:  # one scoring at a time: the model and the scorer are shared by all sessions
             self.extractor.extract_into(pixels, embedding, torch.from_numpy(patch_grid))
-            patch_scores = self.scorer.score(patch_grid.astype(np.float32))  # [1, h, w]
-        image_score = float(aggregate_image_scores(patch_scores, self.scorer.aggregate)[0])
+            image_scores, patch_scores = self.scorer.image_scores(patch_grid.astype(np.float32))  # [1], [1, h, w]
+        image_score = float(image_scores[0])
         note = self.size_note(image)
         return ImageScore(
             score=image_score,
             patch_scores=patch_scores[0],
-            anomaly_map=anomaly_map(patch_scores[0], (image.height, image.width), self.sigma),
+            anomaly_map=anomaly_map(patch_scores[0], (image.height, image.width), self.sigma, self.extractor.image_size),
             notes=() if note is None else (note,),
         )
 
 
 def load_detector(root: str | Path, run: Run) -> Detector:
     """Fit the scorer of ``run`` on its training features and calibrate its threshold (see the
-    module docstring). Reads params.yaml under ``root`` for ``heatmap.sigma`` and
-    ``extract.device``; everything else comes from what the pipeline recorded."""
+    module docstring). Reads params.yaml under ``root`` for ``extract.device``; everything else
+    comes from what the pipeline recorded."""
     root = Path(root)
     params = load_params(root / "params.yaml")
-    sigma = param(params, "heatmap.sigma", (int, float))
-    if sigma < 0:
-        raise ParamsError(f"{root / 'params.yaml'}: heatmap.sigma must be >= 0 (pixels), got {sigma!r}")
     device = resolve_device(extract_settings(params).device)
 
     bank_path, scores_path = run.bank_path(root), run.scores_path(root)
     bank = read_bank(bank_path)
     test_scores = read_category_scores(scores_path, expected_category=run.category)
     _, scores_metadata = load_arrays(scores_path)
-    if (test_scores.backbone, test_scores.method) != (run.backbone, run.method) or "params" not in scores_metadata:
+    if (test_scores.run, test_scores.backbone) != (run.name, run.backbone) or "params" not in scores_metadata:
         raise DemoError(
-            f"{scores_path}: written for {test_scores.backbone}-{test_scores.method} or without scorer params; "
+            f"{scores_path}: written for run {test_scores.run} on {test_scores.backbone} or without scorer params; "
             "re-run the pipeline (dvc repro)"
         )
     if test_scores.weights != bank.info["weights_info"]:
@@ -371,6 +367,7 @@ def load_detector(root: str | Path, run: Run) -> Detector:
         raise DemoError(f"{bank_path}: bank info lacks {', '.join(missing)}; re-run the pipeline (dvc repro)")
     seed = info["weights_info"].get("seed", 0)
     extractor = build_extractor(run.backbone, info["config"], info["weights"], device, seed)
+    method = test_scores.method
     if extractor.weights_info != info["weights_info"]:
         raise DemoError(
             f"{bank_path}: written with weights {info['weights_info']}, but backbones.{run.backbone} now loads "
@@ -384,8 +381,8 @@ def load_detector(root: str | Path, run: Run) -> Detector:
 
     scorer_params = scores_metadata["params"]
     try:
-        scorer = make_scorer(run.method, scorer_params).fit(bank.train_patches)
-        _, holdout_scores = holdout_image_scores(run.method, scorer_params, bank.train_patches)
+        scorer = make_scorer(method, scorer_params).fit(bank.train_patches)
+        _, holdout_scores = holdout_image_scores(method, scorer_params, bank.train_patches)
     except StageError as error:
         raise DemoError(f"{bank_path}: {error}") from error
     return Detector(
@@ -393,12 +390,13 @@ def load_detector(root: str | Path, run: Run) -> Detector:
         extractor=extractor,
         scorer=scorer,
         patch_dtype=info["patch_dtype"],
-        sigma=float(sigma),
+        sigma=test_scores.sigma,
         threshold=calibrated_threshold(holdout_scores),
         holdout_scores=holdout_scores,
         colour_scale=colour_scale(test_scores.patch_scores),
         train_sizes=tuple(sorted({tuple(sample.original_size) for sample in bank.train_samples})),
         weights_info=info["weights_info"],
+        recipe=test_scores.recipe,
     )
 
 
@@ -474,8 +472,9 @@ def results_csv(rows: Sequence[BatchRow], threshold: float, detector: Detector) 
                 "anomaly_score": "" if row.score is None else repr(row.score),
                 "threshold": repr(threshold),
                 "decision": row.decision(threshold),
+                "run": detector.run.name,
                 "backbone": detector.run.backbone,
-                "method": detector.run.method,
+                "recipe": detector.recipe,
                 "category": detector.run.category,
                 "weights": detector.weights_info.get("mode", ""),
                 "message": row.message,

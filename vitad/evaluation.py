@@ -2,11 +2,16 @@
 
 Pixel metrics are computed at each test image's ORIGINAL resolution by default, as the official
 MVTec AD evaluation does: the anomaly map of every image is upsampled from its patch grid and
-blurred on the fly (:func:`vitad.heatmap.anomaly_map`), ranked, and dropped; full-size maps are
-never stored. ``resolution="model"`` evaluates at the model input size instead (``image_size``
-of the score metadata): maps are upsampled to image_size x image_size and the masks resized
-there with nearest-neighbour interpolation, as anomalib does; figures are then not comparable
-with the official ones. ``sigma`` is in pixels of the evaluated resolution.
+blurred on the fly (:meth:`vitad.scorefile.CategoryScores.anomaly_map`), ranked, and dropped;
+full-size maps are never stored. ``resolution="model"`` evaluates at the model input size
+instead (``image_size`` of the score metadata): maps are upsampled to image_size x image_size and
+the masks resized there with nearest-neighbour interpolation, as anomalib does; figures are then
+not comparable with the official ones. The blur is the run's ``sigma`` in pixels of the model
+input at either resolution, so both evaluate the same map.
+
+Each run is evaluated on two routes: the patch route (``image_scores`` from the patch scores,
+and every pixel metric) and the image-embedding route (``embedding_scores`` from the CLS or
+pooled embedding: ``embedding_image_auroc``, ``embedding_image_ap``).
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ import numpy as np
 from PIL import Image
 
 from vitad.data import Sample, index_category, sample_mask, split_samples
-from vitad.heatmap import anomaly_map
 from vitad.scorefile import CategoryScores, read_category_scores, weights_are_random
-from vitad.io import load_arrays
 from vitad.metrics import average_precision, f1_max, image_auroc, pixel_metrics, pr_curve, roc_curve
 
 RESOLUTIONS = ("original", "model")
 # f1_max is the image-level F1-max (best F1 over image-score thresholds); pixel_f1_max the same over pixels.
-METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")
+# embedding_*: the image-embedding route (CLS / pooled embeddings scored by the same method).
+METRIC_NAMES = (
+    "image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max",
+    "embedding_image_auroc", "embedding_image_ap",
+)
 CURVE_COLUMNS = {  # curve name -> (x column, y column) of its CSV
     "image_roc": ("fpr", "tpr"),
     "image_pr": ("recall", "precision"),
@@ -47,23 +54,11 @@ class EvaluationError(ValueError):
     """Scores, dataset and evaluation settings do not fit together."""
 
 
-def _check_settings(sigma: float, resolution: str, fpr_limit: float) -> None:
+def _check_settings(resolution: str, fpr_limit: float) -> None:
     if resolution not in RESOLUTIONS:
         raise EvaluationError(f"evaluate.resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
     if not isinstance(fpr_limit, (int, float)) or isinstance(fpr_limit, bool) or not 0 < fpr_limit <= 1:
         raise EvaluationError(f"evaluate.fpr_limit must be a number in (0, 1], got {fpr_limit!r}")
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or sigma < 0:
-        raise EvaluationError(f"heatmap.sigma must be a number >= 0 (pixels), got {sigma!r}")
-
-
-def _model_size(scores_path: Path) -> tuple[int, int]:
-    image_size = load_arrays(scores_path)[1].get("image_size")
-    if isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0:
-        return image_size, image_size
-    raise EvaluationError(
-        f"{scores_path}: evaluate.resolution 'model' needs the model input size as a positive integer "
-        f"'image_size' in the score metadata, got {image_size!r}; use resolution 'original'"
-    )
 
 
 def _check_against_dataset(scores: CategoryScores, data_root: Path) -> None:
@@ -86,7 +81,6 @@ def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def evaluate_category(
     data_root: str | Path,
     scores_path: str | Path,
-    sigma: float,
     resolution: str = "original",
     fpr_limit: float = 0.3,
 ) -> tuple[dict[str, float], Curves]:
@@ -95,23 +89,23 @@ def evaluate_category(
     A category without good or without defective test images gets NaN for the metrics that
     need both, with a warning naming the score file, and no curves for them.
     """
-    return _evaluate_scores(read_category_scores(scores_path), Path(data_root), sigma, resolution, fpr_limit)
+    return _evaluate_scores(read_category_scores(scores_path), Path(data_root), resolution, fpr_limit)
 
 
 def _evaluate_scores(
-    scores: CategoryScores, data_root: Path, sigma: float, resolution: str, fpr_limit: float
+    scores: CategoryScores, data_root: Path, resolution: str, fpr_limit: float
 ) -> tuple[dict[str, float], Curves]:
-    _check_settings(sigma, resolution, fpr_limit)
+    _check_settings(resolution, fpr_limit)
     _check_against_dataset(scores, data_root)
     samples = scores.test_samples
-    model_size = _model_size(scores.path) if resolution == "model" else None
+    model_size = (scores.image_size, scores.image_size) if resolution == "model" else None
 
     def evaluated_size(sample: Sample) -> tuple[int, int]:
         return model_size or tuple(sample.original_size)
 
     masks = [_resized_mask(sample_mask(data_root, sample), evaluated_size(sample)) for sample in samples]
     maps: Iterator[np.ndarray] = (
-        anomaly_map(scores.patch_scores[index], evaluated_size(sample), sigma) for index, sample in enumerate(samples)
+        scores.anomaly_map(index, evaluated_size(sample)) for index, sample in enumerate(samples)
     )
     labels = np.array([sample.is_anomalous for sample in samples])
     with warnings.catch_warnings(record=True) as caught:
@@ -120,6 +114,8 @@ def _evaluate_scores(
             "image_auroc": image_auroc(labels, scores.image_scores),
             "image_ap": average_precision(labels, scores.image_scores),
             "f1_max": f1_max(labels, scores.image_scores),
+            "embedding_image_auroc": image_auroc(labels, scores.embedding_scores),
+            "embedding_image_ap": average_precision(labels, scores.embedding_scores),
         }
         pixel = pixel_metrics(masks, maps, fpr_limit=fpr_limit)
     for warning in caught:
@@ -156,12 +152,14 @@ def mean_over_categories(per_category: dict[str, dict[str, float]]) -> dict[str,
 class RunEvaluation:
     """Everything the evaluate stage writes for one (backbone, method)."""
 
+    run: str
     backbone: str
+    recipe: str
     method: str
     weights: dict
     resolution: str
     fpr_limit: float
-    sigma: float
+    sigma: float  # the run's heatmap blur, pixels at the model input
     metrics: dict[str, dict[str, float]]  # category -> metric name -> value, in data.categories order
     curves: dict[str, Curves]  # category -> curves
     test_counts: dict[str, dict[str, int]]  # category -> {"good": n, "defective": n}
@@ -171,25 +169,28 @@ def evaluate_run(
     data_root: str | Path,
     scores_dir: str | Path,
     categories: Sequence[str],
-    sigma: float,
     resolution: str = "original",
     fpr_limit: float = 0.3,
 ) -> RunEvaluation:
-    """Evaluate ``scores_dir/<category>.safetensors`` for every category of one backbone x method."""
+    """Evaluate ``scores_dir/<category>.safetensors`` for every category of one run."""
     scores_dir = Path(scores_dir)
     metrics, curves, counts, identities = {}, {}, {}, {}
     for category in categories:
         path = scores_dir / f"{category}.safetensors"
         scores = read_category_scores(path, expected_category=category)
-        identities[path] = (scores.backbone, scores.method, json.dumps(scores.weights, sort_keys=True))
-        metrics[category], curves[category] = _evaluate_scores(scores, Path(data_root), sigma, resolution, fpr_limit)
+        identity = {key: getattr(scores, key) for key in ("run", "backbone", "recipe", "method", "weights", "sigma")}
+        identities[path] = json.dumps(identity, sort_keys=True)
+        metrics[category], curves[category] = _evaluate_scores(scores, Path(data_root), resolution, fpr_limit)
         defective = sum(sample.is_anomalous for sample in scores.test_samples)
         counts[category] = {"good": len(scores.test_samples) - defective, "defective": defective}
     if len(set(identities.values())) != 1:
-        listing = "; ".join(f"{path}: {backbone}, {method}, weights {weights}" for path, (backbone, method, weights) in identities.items())
-        raise EvaluationError(f"score files of {scores_dir} disagree on backbone, method or weights: {listing}")
-    backbone, method, weights = next(iter(identities.values()))
-    return RunEvaluation(backbone, method, json.loads(weights), resolution, float(fpr_limit), float(sigma), metrics, curves, counts)
+        listing = "; ".join(f"{path}: {identity}" for path, identity in identities.items())
+        raise EvaluationError(f"score files of {scores_dir} disagree on run, backbone, recipe, weights or sigma: {listing}")
+    identity = json.loads(next(iter(identities.values())))
+    return RunEvaluation(
+        identity["run"], identity["backbone"], identity["recipe"], identity["method"], identity["weights"],
+        resolution, float(fpr_limit), identity["sigma"], metrics, curves, counts,
+    )
 
 
 def _json_number(value: float) -> float | None:
@@ -220,7 +221,9 @@ def curve_tables(run: RunEvaluation) -> dict[str, str]:
 def run_info(run: RunEvaluation) -> dict:
     """What the report needs besides the metrics: who was evaluated, with which weights, how."""
     return {
+        "run": run.run,
         "backbone": run.backbone,
+        "recipe": run.recipe,
         "method": run.method,
         "weights": run.weights,
         "random_weights": weights_are_random(run.weights),
@@ -245,6 +248,7 @@ REPORT_COLUMNS = (  # (metric, column title)
     ("pixel_ap", "pixel AP"),
     ("f1_max", "image F1-max"),
     ("pixel_f1_max", "pixel F1-max"),
+    ("embedding_image_auroc", "embedding image AUROC"),
 )
 
 
@@ -275,7 +279,7 @@ def read_report_entries(metrics_dir: str | Path, names: list[str]) -> list[Repor
             raise EvaluationError(f"{error.filename}: missing; the evaluate stage writes it next to {path}") from error
         except json.JSONDecodeError as error:
             raise EvaluationError(f"{path} or {sidecar}: not valid JSON ({error})") from error
-        missing = [key for key in ("backbone", "method", "weights", "random_weights", "evaluation") if key not in info]
+        missing = [key for key in ("run", "backbone", "recipe", "weights", "random_weights", "evaluation") if key not in info]
         if missing or MEAN not in metrics:
             raise EvaluationError(f"{path} / {sidecar}: missing {', '.join(missing + ([MEAN] if MEAN not in metrics else []))}")
         entries.append(ReportEntry(path, info, metrics))
@@ -291,17 +295,21 @@ def _weights_statement(entries: list[ReportEntry]) -> str:
             "in params.yaml for the real benchmark."
         )
     if random_runs:
-        names = ", ".join(f"{e.info['backbone']} · {e.info['method']}" for e in random_runs)
-        return f"> **Weights: mixed.** Randomly initialised (not pretrained): {names}. All other rows use pretrained weights."
+        names = ", ".join(e.info["run"] for e in random_runs)
+        pretrained = ", ".join(e.info["run"] for e in entries if not e.info["random_weights"])
+        return (
+            f"> **Weights: mixed.** PRETRAINED: {pretrained}. Randomly initialised (their numbers test the "
+            f"pipeline, not the methods): {names}."
+        )
     return "> **Weights: pretrained** for every backbone."
 
 
 def _weights_list(entries: list[ReportEntry]) -> list[str]:
-    """One line per backbone and weights record, naming the methods scored with it."""
+    """One line per backbone and weights record, naming the runs scored with it."""
     methods = {}
     for entry in entries:
         weights = ", ".join(f"{key}={value}" for key, value in sorted(entry.info["weights"].items()))
-        methods.setdefault((entry.info["backbone"], weights), []).append(entry.info["method"])
+        methods.setdefault((entry.info["backbone"], weights), []).append(entry.info["run"])
     return [f"- {backbone} ({', '.join(names)}): {weights}" for (backbone, weights), names in sorted(methods.items())]
 
 
@@ -313,11 +321,10 @@ def _cell(value: float | None, best: float | None) -> str:
 
 
 def summary_markdown(entries: list[ReportEntry]) -> str:
-    """One Markdown table of every backbone x method x category (mean first), values in %.
+    """One Markdown table of every run x category (mean first; runs in the given order), values in %.
 
     Within each category block the best value of every column is bold (ties: all of them).
     """
-    entries = sorted(entries, key=lambda entry: (entry.info["backbone"], entry.info["method"]))
     categories = sorted({row for entry in entries for row in entry.metrics if row != MEAN})
     settings = sorted({json.dumps(entry.info["evaluation"], sort_keys=True) for entry in entries})
     lines = [
@@ -328,13 +335,14 @@ def summary_markdown(entries: list[ReportEntry]) -> str:
         *_weights_list(entries),
         "",
         "Evaluation: " + " | ".join(
-            f"pixel metrics at {s['resolution']} resolution, AU-PRO up to FPR {s['fpr_limit']}, heatmap sigma {s['sigma']} px"
+            f"pixel metrics at {s['resolution']} resolution, AU-PRO up to FPR {s['fpr_limit']}"
             for s in map(json.loads, settings)
         ) + ". Values in %; `mean` is the unweighted mean over categories; **bold** = best within the category; "
-        "n/a = undefined (category without good or defective test images).",
+        "n/a = undefined (category without good or defective test images); sigma = heatmap blur in "
+        "pixels of the model input; weights: pretrained or random.",
         "",
-        "| category | backbone | method | " + " | ".join(title for _, title in REPORT_COLUMNS) + " |",
-        "|---|---|---|" + "---:|" * len(REPORT_COLUMNS),
+        "| category | run | recipe | weights | sigma | " + " | ".join(title for _, title in REPORT_COLUMNS) + " |",
+        "|---|---|---|---|---:|" + "---:|" * len(REPORT_COLUMNS),
     ]
     for category in [MEAN, *categories]:
         block = [entry for entry in entries if category in entry.metrics]
@@ -345,5 +353,9 @@ def summary_markdown(entries: list[ReportEntry]) -> str:
         for entry in block:
             cells = [_cell(entry.metrics[category].get(name), best[name]) for name, _ in REPORT_COLUMNS]
             label = f"**{category}**" if category == MEAN else category
-            lines.append(f"| {label} | {entry.info['backbone']} | {entry.info['method']} | " + " | ".join(cells) + " |")
+            weights = "random" if entry.info["random_weights"] else "**pretrained**"
+            lines.append(
+                f"| {label} | {entry.info['run']} | {entry.info['recipe']} | {weights} | "
+                f"{entry.info['evaluation']['sigma']:g} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines) + "\n"

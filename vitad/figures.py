@@ -10,7 +10,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vitad.data import Sample, load_rgb, sample_mask
-from vitad.heatmap import anomaly_map
 from vitad.io import atomic_path
 from vitad.params import ParamsError, param, positive_int
 from vitad.scorefile import CategoryScores, ScoresError
@@ -31,16 +30,12 @@ COMPARE_PANEL_INCHES = 1.6  # side of one cell in a comparison figure
 class FigureSettings:
     """The ``heatmap`` section of params.yaml."""
 
-    sigma: float  # Gaussian blur at full resolution, pixels (0 = none)
     examples_per_defect: int  # figures per defect type and category
     good_examples: int  # figures of good images per category
     dpi: int = DEFAULT_DPI
 
     @classmethod
     def from_params(cls, params: dict) -> "FigureSettings":
-        sigma = param(params, "heatmap.sigma", (int, float))
-        if sigma < 0:
-            raise ParamsError(f"params.yaml: heatmap.sigma must be >= 0 (pixels), got {sigma!r}")
         counts = {}
         for key in ("examples_per_defect", "good_examples"):
             counts[key] = param(params, f"heatmap.{key}", int)
@@ -48,7 +43,7 @@ class FigureSettings:
                 raise ParamsError(f"params.yaml: heatmap.{key} must be >= 0, got {counts[key]!r}")
         if not any(counts.values()):
             raise ParamsError("params.yaml: heatmap.examples_per_defect and heatmap.good_examples are both 0: nothing to draw")
-        return cls(float(sigma), dpi=positive_int(params, "heatmap.dpi", DEFAULT_DPI), **counts)
+        return cls(dpi=positive_int(params, "heatmap.dpi", DEFAULT_DPI), **counts)
 
 
 def select_examples(samples: list[Sample], examples_per_defect: int, good_examples: int) -> list[int]:
@@ -146,7 +141,7 @@ def render_triplet(
 ) -> Path:
     """PNG with image | heatmap overlay (+ colourbar on the fixed ``scale``) | ground-truth mask.
 
-    image: uint8 [H, W, 3]; heatmap: float [H, W] (from :func:`anomaly_map`); mask: bool [H, W].
+    image: uint8 [H, W, 3]; heatmap: float [H, W] (from :meth:`CategoryScores.anomaly_map`); mask: bool [H, W].
     """
     path = Path(path)
     if image.shape[:2] != heatmap.shape or mask.shape != heatmap.shape:
@@ -197,7 +192,7 @@ def render_category_triplets(
     for index in select_examples(scores.test_samples, settings.examples_per_defect, settings.good_examples):
         sample = scores.test_samples[index]
         image, mask = _load_example(data_root, sample)
-        heatmap = anomaly_map(scores.patch_scores[index], sample.original_size, settings.sigma)
+        heatmap = scores.anomaly_map(index, sample.original_size)
         title = figure_title(scores, index)
         written.append(render_triplet(out_dir / figure_name(sample), image, heatmap, mask, scale, title, settings.dpi))
     return written
@@ -262,7 +257,7 @@ def render_comparison(
             mask_axes.set_ylabel("ground truth", fontsize=7)
         for row_number, (row, scale) in enumerate(zip(rows, row_scales), start=2):
             axes = cell(row_number, column)
-            heatmap = anomaly_map(row.patch_scores[index], sample.original_size, settings.sigma)
+            heatmap = row.anomaly_map(index, sample.original_size)
             artist = _draw_overlay(axes, image, heatmap, mask, scale)
             axes.set_title(f"score {row.image_scores[index]:.4g}", fontsize=6)
             if column == 0:

@@ -20,25 +20,39 @@ def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def anomaly_map(patch_scores: np.ndarray, original_size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
-    """Patch grid [h, w] -> anomaly map [H, W] (float32) at the image's original (height, width).
+def anomaly_map(
+    patch_scores: np.ndarray,
+    output_size: tuple[int, int],
+    sigma: float = 0.0,
+    model_size: int | tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Patch grid [h, w] -> anomaly map [H, W] (float32) at ``output_size`` (height, width).
 
     Bilinear upsampling with half-pixel centres (``align_corners=False``) treats each patch score
     as the value at its patch centre, exactly as patches tile the resized (not cropped) model
-    input, so patch (i, j) lands on the image region it was computed from. Then a Gaussian blur of
-    ``sigma`` pixels at full resolution (0 disables it), as in PatchCore.
+    input, so patch (i, j) lands on the image region it was computed from. Then a Gaussian blur
+    of ``sigma`` pixels OF THE MODEL INPUT (``model_size``, the side the image was resized to;
+    required when sigma > 0):
+    PatchCore and anomalib blur with sigma = 4 at the model input, so the blur is scaled by
+    H / model height and W / model width here, and a map means the same at any output
+    resolution (the image's original size or the model input). 0 disables the blur. Borders are
+    mirrored without repeating the edge pixel (scipy ``mirror``, torch's ``reflect`` padding,
+    which anomalib's blur uses).
 
     Separable upsampling is two small matrix products (rows [H, h] @ grid [h, w] @ cols [w, W]);
     done in numpy rather than torch so that evaluation, figures and report stages need not import
-    torch (about 4 s per stage process on the 2-core build machines).
+    torch (seconds per stage process).
     """
     patch_scores = np.asarray(patch_scores)
     if patch_scores.ndim != 2:
         raise ValueError(f"patch_scores must be a 2-D grid [h, w], got shape {patch_scores.shape}")
-    height, width = (int(v) for v in original_size)
+    if sigma > 0 and model_size is None:
+        raise ValueError("sigma is in pixels of the model input: pass model_size (the side images were resized to)")
+    height, width = (int(v) for v in output_size)
     row_weights = _bilinear_weights(patch_scores.shape[0], height)  # [H, h]
     col_weights = _bilinear_weights(patch_scores.shape[1], width)  # [W, w]
     full = (row_weights @ patch_scores.astype(np.float64) @ col_weights.T).astype(np.float32)  # [H, W]
     if sigma > 0:
-        full = gaussian_filter(full, sigma=sigma, mode="nearest")
+        model_height, model_width = (model_size, model_size) if np.isscalar(model_size) else model_size
+        full = gaussian_filter(full, sigma=(sigma * height / model_height, sigma * width / model_width), mode="mirror")
     return full

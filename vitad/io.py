@@ -77,6 +77,16 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], metadata
         save_file(contiguous, str(tmp), metadata=header)
 
 
+def load_metadata(path: str | os.PathLike) -> dict:
+    """The metadata :func:`save_arrays` wrote, without reading the arrays (only the file header)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return json.loads((handle.metadata() or {}).get("json", "{}"))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ArrayFileError(f"{path}: unreadable ({error}); delete it and re-run the stage that writes it") from error
+
+
 def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """Load what :func:`save_arrays` wrote: (arrays, metadata)."""
     path = Path(path)

@@ -63,31 +63,11 @@ def string_list(params: dict, key: str) -> list[str]:
     return values
 
 
-def pipeline_runs(params: dict) -> list[tuple[str, str]]:
-    """(backbone, method) of every entry of ``pipeline.runs``, in params order.
-
-    Each entry is keyed ``<backbone>-<method>`` (the name of its score/heatmap/evaluate stages and
-    outputs) and maps to ``{backbone: ..., method: ...}`` with a backbone from pipeline.backbones.
-    """
-    backbones = string_list(params, "pipeline.backbones")
+def run_names(params: dict) -> list[str]:
+    """The keys of ``pipeline.runs``, in params order: the names of each run's stages and of its
+    score, heatmap and metrics outputs (:func:`vitad.runs.run_specs` validates the entries; the
+    stages after scoring need only the names, and so need not import the scorers)."""
     runs = param(params, "pipeline.runs", dict)
     if not runs:
-        raise ParamsError("params.yaml: pipeline.runs must name at least one <backbone>-<method> run")
-    pairs = []
-    for name in runs:
-        backbone = param(params, f"pipeline.runs.{name}.backbone", str)
-        method = param(params, f"pipeline.runs.{name}.method", str)
-        if name != f"{backbone}-{method}":
-            raise ParamsError(f"params.yaml: pipeline.runs.{name} must be keyed {backbone}-{method} (<backbone>-<method>)")
-        if backbone not in backbones:
-            raise ParamsError(
-                f"params.yaml: pipeline.runs.{name}.backbone {backbone!r} is not in pipeline.backbones ({', '.join(backbones)})"
-            )
-        pairs.append((backbone, method))
-    return pairs
-
-
-def pipeline_run_names(params: dict) -> list[str]:
-    """The ``<backbone>-<method>`` names of :func:`pipeline_runs`, in params order: the names of
-    each run's stages and of its score, heatmap and metrics outputs."""
-    return [f"{backbone}-{method}" for backbone, method in pipeline_runs(params)]
+        raise ParamsError("params.yaml: pipeline.runs must name at least one run {backbone: ..., recipe: ...}")
+    return list(runs)

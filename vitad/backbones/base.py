@@ -1,0 +1,234 @@
+"""Feature extractors: a frozen model plus the post-processing that turns its outputs into image
+embeddings [B, D] and patch grids [B, h, w, D], and what every backbone family shares."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from vitad.params import ParamsError
+
+class WeightsUnavailableError(ParamsError):
+    """Pretrained weights are required (``weights: pretrained``) but cannot be loaded."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ParamsError(f"params.yaml: extract.device must be auto, cpu or cuda, got {device!r}") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise ParamsError(f"params.yaml: extract.device must be auto, cpu or cuda, got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("params.yaml: extract.device is cuda but no CUDA device is available; use auto or cpu")
+    return resolved
+
+
+class FeatureExtractor:
+    """A frozen model plus the post-processing that turns its outputs into features.
+
+    ``extractor(images)`` with images [B, 3, S, S] (S == ``image_size``) returns
+    ``(image_embeddings [B, embedding_dim], patch_grid [B, h, w, patch_dim])``, float32 on the
+    CPU, patch grid in raster order (row i, column j covers input pixels of row band i, column
+    band j). :meth:`extract_into` writes the same features into preallocated arrays instead.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        image_size: int,
+        grid_size: tuple[int, int],
+        embedding_dim: int,
+        patch_dim: int,
+        weights_info: dict,
+        device: torch.device,
+    ):
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.image_size = image_size
+        self.grid_size = grid_size
+        self.embedding_dim = embedding_dim
+        self.patch_dim = patch_dim
+        self.weights_info = weights_info
+        self.device = device
+        if device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.autocast_dtype = None
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.autocast_dtype is None else f"autocast {str(self.autocast_dtype).removeprefix('torch.')}"
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Check the batch and move it to the device in the layout the model runs fastest on."""
+        expected = (3, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"expected images [B, 3, {self.image_size}, {self.image_size}] (RGB, see vitad.data.load_rgb and "
+                f"preprocess), got {list(images.shape)}"
+            )
+        return images.to(self.device, dtype=torch.float32, non_blocking=True)
+
+    def bare_forward(self, pixels: torch.Tensor) -> Any:
+        """The model's forward alone on a prepared batch (what benchmarks compare against)."""
+        with torch.inference_mode(), self._autocast():
+            return self._model_forward(pixels)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_embeddings = torch.empty(len(images), self.embedding_dim)
+        patch_grid = torch.empty(len(images), *self.grid_size, self.patch_dim)
+        self.extract_into(images, image_embeddings, patch_grid)
+        return image_embeddings, patch_grid
+
+    def extract_into(self, images: torch.Tensor, image_embeddings: torch.Tensor, patch_grid: torch.Tensor) -> None:
+        """Write the features of ``images`` into CPU tensors [B, embedding_dim] and
+        [B, h, w, patch_dim] of any float dtype (e.g. views of a bank's arrays); the dtype
+        conversion happens in the copy itself, so no intermediate arrays are made."""
+        pixels = self.prepare(images)
+        with torch.inference_mode(), self._autocast():
+            self._write_features(self._model_forward(pixels), image_embeddings, patch_grid)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _model_forward(self, pixels: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def _write_features(self, outputs: Any, image_embeddings: torch.Tensor, patch_grid: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def _copy(destination: torch.Tensor, values: torch.Tensor) -> None:
+    """destination <- values; from a GPU, convert there first so only the final dtype travels."""
+    destination.copy_(values if values.device == destination.device else values.to(destination.dtype))
+
+
+class CNNExtractor(FeatureExtractor):
+    """PatchCore-style locally averaged, multi-layer CNN features (ResNets, EfficientNet-Lite).
+
+    ``trunk(pixels)`` returns {layer name: [B, C, h_layer, w_layer]} for every name in ``layers``
+    (finest first)."""
+
+    def __init__(
+        self, trunk: torch.nn.Module, *, layers: list[str], local_average: int, image_embedding: str, **kwargs
+    ):
+        # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
+        # and makes each [B, C, h, w] map a contiguous [B, h, w, C] patch grid.
+        super().__init__(trunk.to(memory_format=torch.channels_last), **kwargs)
+        self.layers = layers
+        self.local_average = local_average
+        self.image_embedding = image_embedding
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return super().prepare(images).contiguous(memory_format=torch.channels_last)
+
+    def _model_forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(pixels)  # layer name -> [B, C, h_layer, w_layer]
+
+    def _write_features(
+        self, feature_maps: dict[str, torch.Tensor], image_embeddings: torch.Tensor, patch_grid: torch.Tensor
+    ) -> None:
+        offset = 0
+        for name in self.layers:
+            feature_map = feature_maps[name]
+            if self.local_average > 1:
+                # count_include_pad=False: border patches average their real neighbours only
+                # instead of being pulled towards zero (defects at borders stay visible).
+                feature_map = F.avg_pool2d(
+                    feature_map, self.local_average, stride=1, padding=self.local_average // 2, count_include_pad=False
+                )
+            if tuple(feature_map.shape[-2:]) != self.grid_size:
+                feature_map = F.interpolate(feature_map, size=self.grid_size, mode="bilinear", align_corners=False)
+            channels = feature_map.shape[1]
+            # Each layer's channels go straight into their slice of the grid (no concatenated copy);
+            # permute: [B, C, h, w] -> [B, h, w, C].
+            _copy(patch_grid[..., offset : offset + channels], feature_map.permute(0, 2, 3, 1))
+            if self.image_embedding == "mean":
+                _copy(image_embeddings[:, offset : offset + channels], feature_map.mean(dim=(2, 3)))
+            offset += channels
+        if self.image_embedding == "pooled":
+            _copy(image_embeddings, feature_maps[self.layers[-1]].mean(dim=(2, 3)))
+
+
+class ViTExtractor(FeatureExtractor):
+    """Token sequence [B, 1 + h*w, D] (CLS first, patches in raster order) -> features."""
+
+    def __init__(self, model: torch.nn.Module, *, image_embedding: str, **kwargs):
+        super().__init__(model, **kwargs)
+        self.image_embedding = image_embedding
+
+    def _tokens(self, outputs: Any) -> torch.Tensor:
+        return outputs.last_hidden_state
+
+    def _write_features(self, outputs: Any, image_embeddings: torch.Tensor, patch_grid: torch.Tensor) -> None:
+        tokens = self._tokens(outputs)
+        patch_tokens = tokens[:, 1:]
+        _copy(patch_grid, patch_tokens.reshape(patch_grid.shape))  # [B, h*w, D] -> [B, h, w, D]
+        _copy(image_embeddings, tokens[:, 0] if self.image_embedding == "cls" else patch_tokens.mean(dim=1))
+
+
+class Dinov2Extractor(ViTExtractor):
+    def _model_forward(self, pixels: torch.Tensor) -> Any:
+        return self.model(pixel_values=pixels)
+
+
+class MAEExtractor(ViTExtractor):
+    """ViTMAEModel with masking off. Its random_masking shuffles the kept tokens even at
+    mask_ratio 0; noise = arange makes the shuffle the identity (deterministic, bit-for-bit
+    reproducible outputs) and the gather with ``ids_restore`` puts tokens in raster order
+    whatever order the model kept them in."""
+
+    def __init__(self, model: torch.nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        height, width = self.grid_size
+        self.raster_noise = torch.arange(height * width, dtype=torch.float32, device=self.device)[None]  # [1, L]
+        self.interpolate_pos_encoding = self.image_size != _pair(model.config.image_size)[0]
+
+    def _model_forward(self, pixels: torch.Tensor) -> Any:
+        noise = self.raster_noise.expand(pixels.shape[0], -1)  # [B, L]
+        return self.model(pixel_values=pixels, noise=noise, interpolate_pos_encoding=self.interpolate_pos_encoding)
+
+    def _tokens(self, outputs: Any) -> torch.Tensor:
+        tokens = outputs.last_hidden_state  # [B, 1 + L, D], patches in kept order
+        index = outputs.ids_restore[..., None].expand(-1, -1, tokens.shape[-1])  # [B, L, D]
+        patch_tokens = torch.gather(tokens[:, 1:], dim=1, index=index)
+        return torch.cat([tokens[:, :1], patch_tokens], dim=1)
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_keys(name: str, config: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(config) - allowed - {"weights"})  # weights: every family's per-backbone switch
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: backbones.{name} has unknown key(s) {', '.join(unknown)} for family "
+            f"{config['family']} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _random_init(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """Build a model under a fixed seed without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
