@@ -344,6 +344,24 @@ def test_resnet_patches_are_locally_averaged_layers_on_the_layer2_grid():
     assert not torch.allclose(averaged, patches)
 
 
+def test_cnn_options_of_patchcore_and_padim():
+    """count_include_pad (PatchCore / anomalib average zero padding in) and nearest upsampling
+    (PaDiM) give exactly torch's operations on the layer outputs."""
+    images = _images(1, 64)
+    patchcore = build_extractor("r18", _resnet(count_include_pad=True), "random")
+    maps = patchcore.bare_forward(patchcore.prepare(images))
+    _, patches = patchcore(images)
+    pooled = torch.nn.functional.avg_pool2d(maps["layer2"], 3, stride=1, padding=1, count_include_pad=True)
+    torch.testing.assert_close(patches[0, :, :, :128], pooled[0].permute(1, 2, 0))
+    padim = build_extractor("r18", _resnet(layers=["layer1", "layer3"], local_average=1, upsample="nearest"), "random")
+    maps = padim.bare_forward(padim.prepare(images))
+    _, patches = padim(images)
+    nearest = torch.nn.functional.interpolate(maps["layer3"], size=(16, 16), mode="nearest")
+    torch.testing.assert_close(patches[0, :, :, 64:], nearest[0].permute(1, 2, 0))
+    with pytest.raises(ParamsError, match=r"backbones\.r18\.upsample must be one of bilinear, nearest"):
+        build_extractor("r18", _resnet(upsample="bicubic"), "random")
+
+
 def test_resnet_image_embedding_options_and_extract_into_float16():
     images = _images(2, 64)
     pooled = build_extractor("r18", _resnet(), "random")

