@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     for category in categories:
         bank_path = args.featurebanks / f"{category}.safetensors"
         bank = read_bank(bank_path)
-        scores = score_bank(bank, spec.method, spec.patch_params, spec.embedding_params, source=str(bank_path))
+        scores = score_bank(
+            bank, spec.method, spec.patch_params, spec.embedding_params, source=str(bank_path),
+            model_map=spec.model_map(bank.info["image_size"]),
+        )
         path = write_category_scores(args.out / f"{category}.safetensors", spec, category, bank, scores)
         print(
             f"{spec.name}/{category}: fit {scores.fit_seconds:.2f} s, score {scores.score_seconds:.2f} s "

@@ -302,7 +302,7 @@ def test_a_size_unlike_the_training_images_gets_a_note(knn_weave, tiny_dataset):
 
 def test_an_image_that_cannot_be_scored_is_an_upload_error(knn_weave, tiny_dataset):
     class NonFiniteFeatures:
-        def image_scores(self, features):
+        def image_scores(self, features, model_map=None):
             raise ScoringError("test features contain 3 NaN/inf values")
 
     name, data = _test_image(tiny_dataset, "weave")

@@ -43,6 +43,7 @@ def write_scores(path: Path, data_root: Path, category: str, seed: int = 0, meth
         "method": method,
         "category": category,
         "sigma": 4,
+        "map_upsample": "bilinear",
         "image_size": 64,
         "weights": weights,
         "grid": [GRID, GRID],
@@ -67,7 +68,7 @@ def independent_pixel_data(data_root: Path, scores_path: Path, size: int | None 
         if size:
             mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
         masks.append(mask)
-        maps.append(anomaly_map(arrays["patch_scores"][index], target, metadata["sigma"], metadata["image_size"]))
+        maps.append(anomaly_map(arrays["patch_scores"][index], target, metadata["sigma"], metadata["image_size"], "bilinear"))
     return masks, maps
 
 

@@ -128,6 +128,14 @@ def test_sigma_zero_is_plain_bilinear_upsampling():
     np.testing.assert_allclose(anomaly_map(patch_scores, (50, 70), sigma=0), expected[0, 0].numpy(), atol=1e-6)
 
 
+def test_nearest_upsampling_is_torchs_nearest():
+    patch_scores = np.random.default_rng(3).random((5, 7), dtype=np.float32)
+    expected = F.interpolate(torch.from_numpy(patch_scores)[None, None], size=(50, 63), mode="nearest")[0, 0].numpy()
+    np.testing.assert_array_equal(anomaly_map(patch_scores, (50, 63), upsample="nearest"), expected)
+    with pytest.raises(ValueError, match="upsample must be one of bilinear, nearest"):
+        anomaly_map(patch_scores, (50, 63), upsample="bicubic")
+
+
 def test_anomaly_map_rejects_a_batch():
     with pytest.raises(ValueError, match="2-D grid"):
         anomaly_map(np.zeros((2, 4, 4), dtype=np.float32), (32, 32))
@@ -227,7 +235,7 @@ def _write_scores(scores_root: Path, data_root: Path, backbone: str, method: str
             scores_root / f"{backbone}-{method}" / f"{category}.safetensors",
             {"image_scores": patch_scores.max(axis=(1, 2)), "patch_scores": patch_scores, "embedding_scores": patch_scores.mean(axis=(1, 2))},
             {"run": f"{backbone}-{method}", "backbone": backbone, "recipe": method, "method": method,
-             "category": category, "weights": weights, "sigma": 4, "image_size": 8 * grid,
+             "category": category, "weights": weights, "sigma": 4, "map_upsample": "bilinear", "image_size": 8 * grid,
              "grid": [grid, grid], "test_samples": [s.to_dict() for s in test]},
         )
 
@@ -286,7 +294,7 @@ def _write_bad_scores(path: Path, n_patch_grids: int, category: str = "mesh") ->
     save_arrays(path, {"image_scores": np.zeros(3, np.float32), "patch_scores": np.zeros((n_patch_grids, 4, 4), np.float32),
                        "embedding_scores": np.zeros(3, np.float32)},
                 {"run": "b-m", "backbone": "b", "recipe": "m", "method": "m", "category": category,
-                 "weights": {"mode": "random"}, "sigma": 4, "image_size": 32,
+                 "weights": {"mode": "random"}, "sigma": 4, "map_upsample": "bilinear", "image_size": 32,
                  "test_samples": [_sample("good", f"00{i}").to_dict() for i in range(3)]})
 
 

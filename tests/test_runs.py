@@ -60,6 +60,8 @@ def test_the_default_params_resolve_and_name_the_published_recipes():
     assert specs["anomalydino"].patch_params["aggregate"] == "top1pct_mean"
     assert specs["padim"].patch_params["per_position"] is True
     assert {spec.sigma for spec in specs.values()} == {4.0}
+    assert specs["padim"].patch_params["aggregate"] == "map_max" and specs["padim"].patch_params["ddof"] == 1
+    assert {spec.map_upsample for spec in specs.values()} == {"bilinear"}
 
 
 @pytest.mark.parametrize(
@@ -72,6 +74,7 @@ def test_the_default_params_resolve_and_name_the_published_recipes():
         ({"r.x": {"backbone": "resnet50", "recipe": "kmeans"}}, "pipeline.runs.r.x: a run name"),
         ({"r": {"backbone": "resnet50", "recipe": "kmeans", "k": 3}}, "score.kmeans with the overrides of pipeline.runs.r: params.yaml: unknown key score.kmeans.k"),
         ({"r": {"backbone": "resnet50", "recipe": "patchcore", "sigma": -1}}, "pipeline.runs.r sigma must be a number >= 0"),
+        ({"r": {"backbone": "resnet50", "recipe": "patchcore", "map_upsample": "cubic"}}, "pipeline.runs.r map_upsample must be one of bilinear, nearest"),
         ({"r": {"backbone": "resnet50", "recipe": "patchcore", "embedding": {"k": 0}}}, "(image-embedding route): params.yaml: score.knn.k must be an integer >= 1"),
         ({}, "pipeline.runs must name at least one"),
     ],

@@ -10,6 +10,7 @@ from sklearn.decomposition import PCA
 from vitad.scoring.coreset import coreset_size
 from vitad.data import Sample
 from vitad.featurebank import read_bank, write_bank
+from vitad.heatmap import anomaly_map
 from vitad.io import load_arrays
 from vitad.params import ParamsError
 from vitad.scoring import (
@@ -111,11 +112,76 @@ def test_knn_zero_vector_scores_distance_one():
     np.testing.assert_allclose(scores, [1.0])
 
 
+def test_euclidean_knn_and_channel_pooling_equal_brute_force_and_torch():
+    import torch
+
+    train, test = _gaussian((30, 2, 2, 12), seed=3), _gaussian((4, 2, 2, 12), seed=4)
+    scores = KNNScorer(metric="euclidean", k=2).fit(train).score_samples(test)
+    distances = np.linalg.norm(test.reshape(-1, 1, 12) - train.reshape(1, -1, 12), axis=2)  # [16, 120]
+    np.testing.assert_allclose(scores.ravel(), np.sort(distances, axis=1)[:, :2].mean(axis=1), rtol=1e-5)
+    pooling = KNNScorer(metric="euclidean", channel_pooling=5).fit(train)
+    expected = torch.nn.functional.adaptive_avg_pool1d(torch.from_numpy(train.reshape(-1, 1, 12)), 5).numpy()[:, 0]
+    np.testing.assert_allclose(pooling.memory_bank_, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ScoringError, match="channel_pooling = 12 must be below the feature dimension 12"):
+        KNNScorer(channel_pooling=12).fit(train)
+
+
+def test_patchcore_image_score_is_anomalibs_reweighting():
+    """Paper eq. 7 as anomalib computes it: s* of the worst patch, times 1 - softmax of its
+    distances to the b nearest bank vectors of its own nearest bank vector, at that vector."""
+    train, test = _gaussian((12, 3, 3, 6), seed=20), _gaussian((3, 3, 3, 6), seed=21)
+    scorer = KNNScorer(metric="euclidean", reweight_neighbors=4).fit(train)
+    image_scores, patch_scores = scorer.image_scores(test)
+    bank = train.reshape(-1, 6).astype(np.float64)
+    expected = []
+    for image in test.reshape(3, 9, 6).astype(np.float64):
+        distances = np.linalg.norm(image[:, None] - bank[None], axis=2)
+        worst = distances.min(axis=1).argmax()
+        nearest = bank[distances[worst].argmin()]
+        support = np.argsort(np.linalg.norm(bank - nearest, axis=1))[:4]
+        support_distances = np.linalg.norm(bank[support] - image[worst], axis=1)
+        expected.append((1 - np.exp(support_distances[0]) / np.exp(support_distances).sum()) * distances.min(axis=1).max())
+    np.testing.assert_allclose(image_scores, expected, rtol=1e-5)
+    plain = KNNScorer(metric="euclidean").fit(train).image_scores(test)[0]
+    np.testing.assert_allclose(plain, patch_scores.reshape(3, -1).max(axis=1))
+    assert (image_scores < plain).all()  # the weight is below 1
+    with pytest.raises(ParamsError, match=r"score\.knn\.aggregate must be max when reweight_neighbors = 4"):
+        KNNScorer(reweight_neighbors=4, aggregate="top1pct_mean")
+
+
+def test_map_max_rule_reads_the_blurred_map():
+    patch_scores = _gaussian((2, 4, 4), seed=22)
+    model_map = lambda grid: anomaly_map(grid, (32, 32), 4, 32)  # noqa: E731
+    expected = [anomaly_map(grid, (32, 32), 4, 32).max() for grid in patch_scores]
+    np.testing.assert_allclose(aggregate_image_scores(patch_scores, "map_max", model_map), expected)
+    assert (aggregate_image_scores(patch_scores, "map_max", model_map) < patch_scores.reshape(2, -1).max(axis=1)).all()  # blurred
+    with pytest.raises(ValueError, match="needs the run's model_map"):
+        aggregate_image_scores(patch_scores, "map_max")
+
+
 def test_knn_needs_k_training_vectors():
     with pytest.raises(ScoringError, match=r"3 training vectors but score\.knn\.k = 5"):
         KNNScorer(k=5).fit(_gaussian((3, 4)))
     with pytest.raises(ScoringError, match="after the coreset.*coreset_ratio"):
         KNNScorer(k=5, coreset_ratio=0.1).fit(_gaussian((2, 2, 2, 4)))
+
+
+def test_padim_unbiased_covariance_and_feature_subset():
+    """PaDiM (anomalib): per position, a random subset of dims, covariance / (n - 1) + 0.01 I."""
+    train, test = _gaussian((9, 2, 2, 10), seed=23), _gaussian((2, 2, 2, 10), seed=24)
+    scorer = MahalanobisScorer(shrinkage="fixed", epsilon=0.01, ddof=1, per_position=True, feature_subset=4, seed=3)
+    scores = scorer.fit(train).score_samples(test)
+    dims = scorer.dimensions_
+    assert len(dims) == 4 and len(set(dims)) == 4
+    for row in range(2):
+        for column in range(2):
+            samples = train[:, row, column, dims].astype(np.float64)
+            inverse = np.linalg.inv(np.cov(samples, rowvar=False) + 0.01 * np.eye(4))
+            delta = test[:, row, column, dims] - samples.mean(axis=0)
+            expected = np.sqrt(np.einsum("md,de,me->m", delta, inverse, delta))
+            np.testing.assert_allclose(scores[:, row, column], expected, rtol=1e-5)
+    with pytest.raises(ParamsError, match=r"score\.mahalanobis\.ddof must be 0 unless shrinkage is fixed"):
+        MahalanobisScorer(ddof=1)
 
 
 def test_knn_coreset_shrinks_bank_and_only_raises_distances():

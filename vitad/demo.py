@@ -44,6 +44,7 @@ from vitad.io import load_arrays, load_metadata
 from vitad.params import ParamsError, load_params, run_names, string_list
 from vitad.scorefile import ScoresError, read_category_scores
 from vitad.scoring import ScoringError, few_shot_indices, make_scorer
+from vitad.scoring.base import ModelMap
 
 PROJECT_ENV = "VITAD_PROJECT"
 # Uploads above this many pixels are refused before decoding (about 4096 x 4096: a 16 MP photo
@@ -224,6 +225,7 @@ def holdout_image_scores(
     train_patches: np.ndarray,
     max_images: int = MAX_CALIBRATION_IMAGES,
     n_folds: int = CALIBRATION_FOLDS,
+    model_map: ModelMap | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores of training images scored as if they were new: (indices [C], scores [C]).
 
@@ -243,7 +245,7 @@ def holdout_image_scores(
         unseen = np.setdiff1d(np.arange(n_train), few_shot_indices(n_train, few_shot, scorer_params.get("seed", 0)))
         indices = unseen[np.unique(np.linspace(0, len(unseen) - 1, min(max_images, len(unseen))).round().astype(int))]
         scorer = make_scorer(method, scorer_params).fit(train_patches)
-        return indices, scorer.image_scores(train_patches[indices])[0]
+        return indices, scorer.image_scores(train_patches[indices], model_map)[0]
     if n_train < 2:
         raise DemoError(
             f"{n_train} training image: at least 2 are needed to calibrate a threshold on held-out training images"
@@ -255,7 +257,7 @@ def holdout_image_scores(
     for fold in np.array_split(indices, min(n_folds, len(indices))):
         kept = np.setdiff1d(np.arange(n_train), fold)
         scorer = make_scorer(method, fold_params).fit(train_patches[kept])
-        image_scores[position : position + len(fold)] = scorer.image_scores(train_patches[fold])[0]
+        image_scores[position : position + len(fold)] = scorer.image_scores(train_patches[fold], model_map)[0]
         position += len(fold)
     return indices, image_scores
 
@@ -291,6 +293,7 @@ class Detector:
     scorer: object  # a fitted vitad.scoring scorer (patch level)
     patch_dtype: str  # the bank's storage dtype; new features are rounded to it like the bank's
     sigma: float  # the run's heatmap blur, pixels at the model input
+    map_upsample: str  # the run's patch grid -> map upsampling
     threshold: float  # calibrated on held-out training images
     holdout_scores: np.ndarray  # [C] the held-out training image scores behind the threshold
     colour_scale: tuple[float, float]  # the pipeline's heatmap colour scale for this run
@@ -320,6 +323,14 @@ class Detector:
             "less comparable with the threshold"
         )
 
+    def anomaly_map(self, patch_scores: np.ndarray, output_size: tuple[int, int]) -> np.ndarray:
+        """The run's anomaly map of one patch grid [h, w] at ``output_size``."""
+        return anomaly_map(patch_scores, output_size, self.sigma, self.extractor.image_size, self.map_upsample)
+
+    def model_map(self, patch_scores: np.ndarray) -> np.ndarray:
+        side = self.extractor.image_size
+        return self.anomaly_map(patch_scores, (side, side))
+
     def score(self, image: Image.Image) -> ImageScore:
         """Score one RGB image (e.g. :attr:`DecodedUpload.image`)."""
         if image.mode != "RGB":
@@ -330,13 +341,13 @@ class Detector:
         patch_grid = np.empty(grid_shape, dtype=PATCH_DTYPES[self.patch_dtype])
         with self._lock:  # one scoring at a time: the model and the scorer are shared by all sessions
             self.extractor.extract_into(pixels, embedding, torch.from_numpy(patch_grid))
-            image_scores, patch_scores = self.scorer.image_scores(patch_grid.astype(np.float32))  # [1], [1, h, w]
+            image_scores, patch_scores = self.scorer.image_scores(patch_grid.astype(np.float32), self.model_map)  # [1], [1, h, w]
         image_score = float(image_scores[0])
         note = self.size_note(image)
         return ImageScore(
             score=image_score,
             patch_scores=patch_scores[0],
-            anomaly_map=anomaly_map(patch_scores[0], (image.height, image.width), self.sigma, self.extractor.image_size),
+            anomaly_map=self.anomaly_map(patch_scores[0], (image.height, image.width)),
             notes=() if note is None else (note,),
         )
 
@@ -382,7 +393,8 @@ def load_detector(root: str | Path, run: Run) -> Detector:
     scorer_params = scores_metadata["params"]
     try:
         scorer = make_scorer(method, scorer_params).fit(bank.train_patches)
-        _, holdout_scores = holdout_image_scores(method, scorer_params, bank.train_patches)
+        model_map = test_scores.model_map
+        _, holdout_scores = holdout_image_scores(method, scorer_params, bank.train_patches, model_map=model_map)
     except StageError as error:
         raise DemoError(f"{bank_path}: {error}") from error
     return Detector(
@@ -391,6 +403,7 @@ def load_detector(root: str | Path, run: Run) -> Detector:
         scorer=scorer,
         patch_dtype=info["patch_dtype"],
         sigma=test_scores.sigma,
+        map_upsample=test_scores.map_upsample,
         threshold=calibrated_threshold(holdout_scores),
         holdout_scores=holdout_scores,
         colour_scale=colour_scale(test_scores.patch_scores),

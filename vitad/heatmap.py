@@ -20,17 +20,32 @@ def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
+UPSAMPLING = ("bilinear", "nearest")
+
+
+def _nearest_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] 0/1 matrix of ``torch.nn.functional.interpolate(..., mode="nearest")``:
+    output pixel x takes input floor(x * in_size / out_size)."""
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    source = np.minimum(np.floor(np.arange(out_size) * (in_size / out_size)).astype(int), in_size - 1)
+    weights[np.arange(out_size), source] = 1.0
+    return weights
+
+
 def anomaly_map(
     patch_scores: np.ndarray,
     output_size: tuple[int, int],
     sigma: float = 0.0,
     model_size: int | tuple[int, int] | None = None,
+    upsample: str = "bilinear",
 ) -> np.ndarray:
     """Patch grid [h, w] -> anomaly map [H, W] (float32) at ``output_size`` (height, width).
 
     Bilinear upsampling with half-pixel centres (``align_corners=False``) treats each patch score
     as the value at its patch centre, exactly as patches tile the resized (not cropped) model
-    input, so patch (i, j) lands on the image region it was computed from. Then a Gaussian blur
+    input, so patch (i, j) lands on the image region it was computed from (the official PatchCore
+    code does this). ``upsample="nearest"`` repeats each patch score over its region instead, as
+    anomalib's PatchCore and AnomalyDINO maps do. Then a Gaussian blur
     of ``sigma`` pixels OF THE MODEL INPUT (``model_size``, the side the image was resized to;
     required when sigma > 0):
     PatchCore and anomalib blur with sigma = 4 at the model input, so the blur is scaled by
@@ -48,9 +63,12 @@ def anomaly_map(
         raise ValueError(f"patch_scores must be a 2-D grid [h, w], got shape {patch_scores.shape}")
     if sigma > 0 and model_size is None:
         raise ValueError("sigma is in pixels of the model input: pass model_size (the side images were resized to)")
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {upsample!r}")
     height, width = (int(v) for v in output_size)
-    row_weights = _bilinear_weights(patch_scores.shape[0], height)  # [H, h]
-    col_weights = _bilinear_weights(patch_scores.shape[1], width)  # [W, w]
+    weights = _bilinear_weights if upsample == "bilinear" else _nearest_weights
+    row_weights = weights(patch_scores.shape[0], height)  # [H, h]
+    col_weights = weights(patch_scores.shape[1], width)  # [W, w]
     full = (row_weights @ patch_scores.astype(np.float64) @ col_weights.T).astype(np.float32)  # [H, W]
     if sigma > 0:
         model_height, model_width = (model_size, model_size) if np.isscalar(model_size) else model_size

@@ -12,7 +12,9 @@ A run is a backbone, a recipe and the run's own overrides::
 - any other key of the run overrides a scorer parameter or ``sigma``; ``embedding`` (a mapping)
   overrides settings of the image-embedding route only;
 - ``sigma``: the heatmap's Gaussian blur in pixels of the MODEL INPUT (PatchCore, anomalib:
-  4), scaled to whatever resolution maps are drawn or evaluated at; default ``heatmap.sigma``.
+  4), scaled to whatever resolution maps are drawn or evaluated at; default ``heatmap.sigma``;
+- ``map_upsample``: how patch grids become maps, ``bilinear`` (the official PatchCore code; the
+  default) or ``nearest`` (anomalib's PatchCore and AnomalyDINO).
 
 The run's key names its stages and outputs (``scores/<run>``, ``reports/metrics/<run>.json``).
 The score stage of a run depends on ``pipeline.runs.<run>``, ``score.<recipe>`` and
@@ -23,7 +25,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
+
+from vitad.heatmap import UPSAMPLING, anomaly_map
 from vitad.params import ParamsError, param, run_names, string_list
 from vitad.scoring import SCORERS, embedding_route_params, make_scorer
 
@@ -43,10 +49,16 @@ class RunSpec:
     patch_params: dict  # scorer parameters of the patch route (as given; defaults filled by the scorer)
     embedding_params: dict  # scorer parameters of the image-embedding route
     sigma: float  # heatmap blur, pixels at the model input size
+    map_upsample: str  # bilinear | nearest
 
     @property
     def label(self) -> str:
         return f"{self.backbone} · {self.recipe}"
+
+    def model_map(self, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+        """grid [h, w] -> this run's anomaly map at the model input (image_size x image_size), for
+        image-score rules that read the map (``aggregate: map_max``)."""
+        return lambda grid: anomaly_map(grid, (image_size, image_size), self.sigma, image_size, self.map_upsample)
 
 
 def _sigma(value, where: str) -> float:
@@ -74,12 +86,15 @@ def run_spec(params: dict, name: str) -> RunSpec:
     overrides = {key: value for key, value in entry.items() if key not in RUN_KEYS}
     settings = {**{key: value for key, value in section.items() if key not in RECIPE_KEYS}, **overrides}
     sigma = _sigma(settings.pop("sigma", param(params, "heatmap.sigma", (int, float), 4)), f"{where} sigma")
+    map_upsample = settings.pop("map_upsample", "bilinear")
+    if map_upsample not in UPSAMPLING:
+        raise ParamsError(f"params.yaml: {where} map_upsample must be one of {', '.join(UPSAMPLING)}, got {map_upsample!r}")
     embedding_overrides = param(params, f"{where}.embedding", dict, {})
     embedding_params = embedding_route_params(method, settings, embedding_overrides)
     origin = f"params.yaml: score.{recipe} with the overrides of {where}"
     make_scorer(method, settings, where=origin)  # bad settings fail here, naming where they came from
     make_scorer(method, embedding_params, where=f"{origin} (image-embedding route)")
-    return RunSpec(name, backbone, recipe, method, settings, embedding_params, sigma)
+    return RunSpec(name, backbone, recipe, method, settings, embedding_params, sigma, map_upsample)
 
 
 def run_specs(params: dict) -> list[RunSpec]:

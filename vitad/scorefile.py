@@ -2,7 +2,8 @@
 
 ``scores/<run>/<category>.safetensors`` holds ``image_scores`` [M], ``patch_scores`` [M, h, w]
 and ``embedding_scores`` [M] (float32) plus metadata: run, backbone, recipe, method, category,
-the scorer params of both routes, the heatmap ``sigma`` (pixels at the model input), the weights
+the scorer params of both routes, the heatmap ``sigma`` (pixels at the model input) and
+``map_upsample``, the weights
 that produced the features, the patch grid, the model input size and the test samples in order.
 Everything that turns these scores into anomaly maps (sigma, model size) travels with them.
 """
@@ -15,11 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from vitad.data import Sample
-from vitad.heatmap import anomaly_map
+from vitad.heatmap import UPSAMPLING, anomaly_map
 from vitad.io import load_arrays, save_arrays
 
 
-METADATA_KEYS = ("run", "backbone", "recipe", "method", "category", "weights", "sigma", "image_size", "test_samples")
+METADATA_KEYS = (
+    "run", "backbone", "recipe", "method", "category", "weights", "sigma", "map_upsample", "image_size", "test_samples",
+)
 
 
 class ScoresError(ValueError):
@@ -38,6 +41,7 @@ class CategoryScores:
     category: str
     weights: dict
     sigma: float  # heatmap blur, pixels at the model input
+    map_upsample: str  # bilinear | nearest: how patch grids become maps
     image_size: int  # model input side
     image_scores: np.ndarray  # [M] float32
     patch_scores: np.ndarray  # [M, h, w] float32
@@ -47,7 +51,11 @@ class CategoryScores:
     def anomaly_map(self, index: int, output_size: tuple[int, int]) -> np.ndarray:
         """Anomaly map [H, W] of test image ``index`` at ``output_size`` (:func:`vitad.heatmap.anomaly_map`
         with this run's sigma)."""
-        return anomaly_map(self.patch_scores[index], output_size, self.sigma, self.image_size)
+        return anomaly_map(self.patch_scores[index], output_size, self.sigma, self.image_size, self.map_upsample)
+
+    def model_map(self, patch_scores: np.ndarray) -> np.ndarray:
+        """This run's anomaly map of a patch grid [h, w] at the model input (for ``map_max``)."""
+        return anomaly_map(patch_scores, (self.image_size, self.image_size), self.sigma, self.image_size, self.map_upsample)
 
     @property
     def random_weights(self) -> bool:
@@ -80,6 +88,8 @@ def read_category_scores(path: str | Path, expected_category: str | None = None)
     sigma, image_size = metadata["sigma"], metadata["image_size"]
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
         raise ScoresError(f"{path}: sigma must be a number >= 0, got {sigma!r}")
+    if metadata["map_upsample"] not in UPSAMPLING:
+        raise ScoresError(f"{path}: map_upsample must be one of {', '.join(UPSAMPLING)}, got {metadata['map_upsample']!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise ScoresError(f"{path}: image_size must be a positive integer, got {image_size!r}")
     image_scores = arrays["image_scores"].astype(np.float32, copy=False)
@@ -109,6 +119,7 @@ def read_category_scores(path: str | Path, expected_category: str | None = None)
         category=metadata["category"],
         weights=metadata["weights"],
         sigma=float(sigma),
+        map_upsample=metadata["map_upsample"],
         image_size=image_size,
         image_scores=image_scores,
         patch_scores=patch_scores,
@@ -132,6 +143,7 @@ def write_category_scores(path: str | Path, spec, category: str, bank, scores) -
         "params": scores.params,
         "embedding_params": scores.embedding_params,
         "sigma": spec.sigma,
+        "map_upsample": spec.map_upsample,
         "weights": bank.info["weights_info"],
         "grid": list(bank.grid_size),
         "image_size": bank.info["image_size"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitad.params import ParamsError
-from vitad.scoring.base import AGGREGATIONS, Scorer, ScoringError, aggregate_image_scores, few_shot_indices
+from vitad.scoring.base import AGGREGATIONS, ModelMap, Scorer, ScoringError, aggregate_image_scores, few_shot_indices
 from vitad.scoring.gaussian import MahalanobisScorer
 from vitad.scoring.kmeans import KMeansScorer
 from vitad.scoring.knn import KNNScorer
@@ -72,10 +72,13 @@ class BankScores:
     score_seconds: float
 
 
-def score_bank(bank, method: str, patch_params: dict, embedding_params: dict, source: str) -> BankScores:
+def score_bank(
+    bank, method: str, patch_params: dict, embedding_params: dict, source: str, model_map: ModelMap | None = None
+) -> BankScores:
     """Fit ``method`` on ``bank``'s training features and score its test features, at patch level
     (train_patches -> test_patches, with ``patch_params``) and at image level (train_embeddings
-    -> test_embeddings, with ``embedding_params``).
+    -> test_embeddings, with ``embedding_params``). ``model_map``: the run's patch grid ->
+    anomaly map at the model input, for the ``map_max`` image-score rule.
 
     ``bank`` is a :class:`vitad.featurebank.FeatureBank`; ``source`` (its file) prefixes errors.
     """
@@ -91,7 +94,7 @@ def score_bank(bank, method: str, patch_params: dict, embedding_params: dict, so
             start = time.perf_counter()
             scorer.fit(train)
             fitted = time.perf_counter()
-            results.append(scorer.image_scores(test) if test.ndim == 4 else scorer.score_samples(test))
+            results.append(scorer.image_scores(test, model_map) if test.ndim == 4 else scorer.score_samples(test))
             score_seconds += time.perf_counter() - fitted
             fit_seconds += fitted - start
         except ScoringError as error:

@@ -43,20 +43,29 @@ def _top1pct_mean_rule(flat_scores: np.ndarray) -> np.ndarray:
 
 
 AGGREGATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"max": _max_rule, "top1pct_mean": _top1pct_mean_rule}
+MAP_MAX = "map_max"  # the rule that reads the anomaly map rather than the patch grid
+RULES = (*AGGREGATIONS, MAP_MAX)
+ModelMap = Callable[[np.ndarray], np.ndarray]  # patch grid [h, w] -> anomaly map at the model input
 
 
-def aggregate_image_scores(patch_scores: np.ndarray, rule: str) -> np.ndarray:
+def aggregate_image_scores(patch_scores: np.ndarray, rule: str, model_map: ModelMap | None = None) -> np.ndarray:
     """Image scores [M] (float32) from patch-score grids [M, h, w].
 
     ``max``: the largest patch score of the image (PatchCore, the official MVTec AD practice).
     ``top1pct_mean``: the mean of the n = max(1, floor(0.01 * h * w)) largest patch scores of the
     image (AnomalyDINO); robust to one noisy patch.
+    ``map_max``: the largest value of the image's anomaly map at the model input, upsampled and
+    blurred (``model_map``, the run's map settings; anomalib's PaDiM).
     """
-    if rule not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation rule {rule!r} (known: {', '.join(AGGREGATIONS)})")
+    if rule not in RULES:
+        raise ValueError(f"unknown aggregation rule {rule!r} (known: {', '.join(RULES)})")
     patch_scores = np.asarray(patch_scores)
     if patch_scores.ndim != 3 or patch_scores.shape[1] * patch_scores.shape[2] == 0:
         raise ValueError(f"patch_scores must be non-empty grids [M, h, w], got shape {patch_scores.shape}")
+    if rule == MAP_MAX:
+        if model_map is None:
+            raise ValueError("the map_max rule needs the run's model_map (patch grid -> anomaly map)")
+        return np.array([model_map(grid).max() for grid in patch_scores], dtype=np.float32)
     flat_scores = patch_scores.reshape(len(patch_scores), -1)  # [M, h * w]
     return AGGREGATIONS[rule](flat_scores).astype(np.float32)
 
@@ -137,7 +146,7 @@ class Scorer:
     patch_only_params: ClassVar[tuple[str, ...]] = ("aggregate",)
 
     def __init__(self, aggregate: str = "max", few_shot: int | None = None, seed: int = 0):
-        self.aggregate = choice_param(self.method, "aggregate", aggregate, tuple(AGGREGATIONS))
+        self.aggregate = choice_param(self.method, "aggregate", aggregate, RULES)
         self.few_shot = int_param(self.method, "few_shot", few_shot, 1, optional=True)
         self.seed = int_param(self.method, "seed", seed, 0)
 
@@ -186,13 +195,14 @@ class Scorer:
         test = self._checked_test(test)
         return self._checked_scores(self._score(test), test)
 
-    def image_scores(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def image_scores(self, test: np.ndarray, model_map: ModelMap | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Patch level: (image scores [M], patch scores [M, h, w]) of test grids [M, h, w, D],
-        the image score by ``aggregate`` (scorers with their own rule override this)."""
+        the image score by ``aggregate`` (``model_map``: the run's patch grid -> anomaly map, for
+        ``map_max``; scorers with their own rule override this)."""
         patch_scores = self.score_samples(test)
         if patch_scores.ndim != 3:
             raise ScoringError(f"image_scores needs patch grids [M, h, w, D], got features {list(np.shape(test))}")
-        return aggregate_image_scores(patch_scores, self.aggregate), patch_scores
+        return aggregate_image_scores(patch_scores, self.aggregate, model_map), patch_scores
 
     def _fit(self, train: np.ndarray) -> None:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from vitad.scoring.base import ScoringError, Scorer, bool_param, choice_param, float_param, int_param
+from vitad.scoring.base import ScoringError, Scorer, bad_param, bool_param, choice_param, float_param, int_param
 
 if TYPE_CHECKING:  # torch and scikit-learn take seconds to import: only the scorers that need them do
     import torch
@@ -77,9 +77,9 @@ def _batched_linalg_threads(n_matrices: int):
     return threadpool_limits(limits=1) if n_matrices > 1 else contextlib.nullcontext()
 
 
-def _fit_gaussians(samples: torch.Tensor, shrinkage: str, epsilon: float) -> _Gaussians:
+def _fit_gaussians(samples: torch.Tensor, shrinkage: str, epsilon: float, ddof: int = 0) -> _Gaussians:
     """Shrunk Gaussians of ``samples`` [P, n, d] (float64, centred in place), batched over P;
-    see :class:`_Gaussians`."""
+    see :class:`_Gaussians`. ``ddof`` 1 (``fixed`` only): S divides by n - 1, not n."""
     import torch
     n_gaussians, n, d = samples.shape
     mean = samples.mean(dim=1)  # [P, d]
@@ -94,6 +94,10 @@ def _fit_gaussians(samples: torch.Tensor, shrinkage: str, epsilon: float) -> _Ga
     trace = row_sq.sum(dim=1) / n  # tr(S); |X Xᵀ|_F = |Xᵀ X|_F, so |S|_F² = |second_moment|_F² / n²
     frobenius_sq = second_moment.square().sum(dim=(1, 2)) / n**2
     scale, offset = _shrinkage_coefficients(shrinkage, epsilon, n, d, trace, frobenius_sq, row_sq)
+    if ddof:
+        if n <= ddof:
+            raise ScoringError(f"{n} training vector(s): an unbiased covariance (ddof = {ddof}) needs at least {ddof + 1}")
+        scale = scale * (n / (n - ddof))
     if low_rank:
         system = scale[:, None, None] * second_moment
         system.diagonal(dim1=1, dim2=2).add_((n * offset)[:, None])  # K = n b I + a X Xᵀ
@@ -145,7 +149,9 @@ class MahalanobisScorer(Scorer):
 
     Optional PCA to ``pca_dims`` dims (fitted on the training vectors), then a shrunk covariance
     Σ = (1 - s) S + s tr(S)/d I with s from Ledoit-Wolf or OAS (as scikit-learn), or
-    Σ = S + ``epsilon`` I (``fixed``, PaDiM's regulariser); S is the maximum-likelihood covariance.
+    Σ = S + ``epsilon`` I (``fixed``, PaDiM's regulariser); S is the maximum-likelihood covariance
+    (divided by n), or with ``ddof`` 1 the unbiased one (n - 1, PaDiM and anomalib; ``fixed``
+    only: Ledoit-Wolf and OAS shrink the maximum-likelihood covariance, as scikit-learn does).
     All covariance algebra runs in float64. Patch level: one Gaussian over all training patches,
     or with ``per_position`` one Gaussian per patch position (PaDiM), batched over positions.
     Image-level features always get one Gaussian.
@@ -166,11 +172,15 @@ class MahalanobisScorer(Scorer):
         epsilon: float = 0.01,
         per_position: bool = False,
         feature_subset: int | None = None,
+        ddof: int = 0,
         aggregate: str = "max",
         few_shot: int | None = None,
         seed: int = 0,
     ):
         super().__init__(aggregate, few_shot, seed)
+        self.ddof = choice_param(self.method, "ddof", ddof, (0, 1))
+        if self.ddof and shrinkage != "fixed":
+            raise bad_param(self.method, "ddof", "0 unless shrinkage is fixed (Ledoit-Wolf and OAS use the ML covariance)", ddof)
         self.feature_subset = int_param(self.method, "feature_subset", feature_subset, 1, optional=True)
         self.pca_dims = int_param(self.method, "pca_dims", pca_dims, 1, optional=True)
         self.shrinkage = choice_param(self.method, "shrinkage", shrinkage, SHRINKAGES)
@@ -218,7 +228,7 @@ class MahalanobisScorer(Scorer):
             self.pca_ = PCA(n_components=self.pca_dims, svd_solver="covariance_eigh")
             self.pca_.fit(kept.reshape(-1, kept.shape[-1]).astype(np.float64))
         samples = _float64_tensor(self._by_gaussian(self._reduced(train)))  # [P, n, d]
-        self.gaussians_ = _fit_gaussians(samples, self.shrinkage, self.epsilon)
+        self.gaussians_ = _fit_gaussians(samples, self.shrinkage, self.epsilon, self.ddof)
 
     def _score(self, test: np.ndarray) -> np.ndarray:
         if test.ndim == 4 and self.per_position and test.shape[1:3] != self.train_shape_[1:3]:

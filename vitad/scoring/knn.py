@@ -132,9 +132,9 @@ class KNNScorer(Scorer):
         distances, _ = self._search(self._vectors(test), self.k)  # [M (* h * w), k]
         return distances.mean(axis=1).reshape(test.shape[:-1])
 
-    def image_scores(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def image_scores(self, test: np.ndarray, model_map=None) -> tuple[np.ndarray, np.ndarray]:
         if self.reweight_neighbors == 1:
-            return super().image_scores(test)
+            return super().image_scores(test, model_map)
         test = self._checked_test(test)
         if test.ndim != 4:
             raise ScoringError(f"image_scores needs patch grids [M, h, w, D], got features {list(test.shape)}")
