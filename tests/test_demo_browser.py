@@ -124,9 +124,9 @@ def _upload(driver, path: Path) -> None:
 
 def test_upload_in_chromium_shows_the_score_of_the_pipeline(server, browser, tiny_dataset, tmp_path):
     url, project = server
-    # The page opens on the first category and method in sorted order: mesh, knn.
-    detector = demo.load_detector(project, demo.Run(BACKBONE, "knn", "mesh"))
-    sample = next(s for s in split_samples(index_category(tiny_dataset, "mesh"), "test") if s.is_anomalous)
+    # The page opens on the first category and run of params.yaml: weave, knn.
+    detector = demo.load_detector(project, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
+    sample = next(s for s in split_samples(index_category(tiny_dataset, "weave"), "test") if s.is_anomalous)
     image_path = tiny_dataset / sample.image_path
     expected = detector.score(demo.decode_upload(image_path.read_bytes(), image_path.name).image)
     not_an_image = tmp_path / "readme.txt"

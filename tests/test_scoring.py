@@ -182,6 +182,12 @@ def test_padim_unbiased_covariance_and_feature_subset():
             np.testing.assert_allclose(scores[:, row, column], expected, rtol=1e-5)
     with pytest.raises(ParamsError, match=r"score\.mahalanobis\.ddof must be 0 unless shrinkage is fixed"):
         MahalanobisScorer(ddof=1)
+    listed = MahalanobisScorer(shrinkage="fixed", ddof=1, per_position=True, feature_subset=[int(d) for d in dims[::-1]])
+    np.testing.assert_allclose(listed.fit(train).score_samples(test), scores, rtol=1e-6)  # the dims given, any order
+    with pytest.raises(ParamsError, match=r"feature_subset must be an integer >= 1, a list of distinct"):
+        MahalanobisScorer(feature_subset=[1, 1])
+    with pytest.raises(ScoringError, match="lists dimension 10, but the features have 10"):
+        MahalanobisScorer(feature_subset=[0, 10]).fit(train)
 
 
 def test_knn_coreset_shrinks_bank_and_only_raises_distances():

@@ -144,6 +144,17 @@ def _mahalanobis_distances(gaussians: _Gaussians, queries: np.ndarray) -> np.nda
     return distances
 
 
+def _feature_subset(method: str, value) -> int | list[int] | None:
+    """A number of dimensions to draw, distinct dimension indices, or None."""
+    if isinstance(value, (list, tuple)):
+        if not value or len(set(value)) != len(value) or not all(
+            isinstance(index, (int, np.integer)) and not isinstance(index, bool) and index >= 0 for index in value
+        ):
+            raise bad_param(method, "feature_subset", "an integer >= 1, a list of distinct dimension indices or null", value)
+        return [int(index) for index in value]
+    return int_param(method, "feature_subset", value, 1, optional=True)
+
+
 class MahalanobisScorer(Scorer):
     """Mahalanobis distance to a Gaussian of the training features, sqrt((x-m)ᵀ Σ⁻¹ (x-m)).
 
@@ -158,7 +169,8 @@ class MahalanobisScorer(Scorer):
 
     ``feature_subset`` n keeps n feature dimensions drawn at random (seeded by ``seed``) before
     anything else: PaDiM's reduction (100 of ResNet18's 448, 550 of WRN50's 1792 dims), which is
-    what keeps one covariance per patch position in memory. Patch level only, like ``pca_dims``
+    what keeps one covariance per patch position in memory; a list keeps exactly those dimensions
+    (e.g. the ones another implementation drew, to reproduce its model). Patch level only, like ``pca_dims``
     and ``per_position``: the image-embedding route gets them only through its own settings.
     """
 
@@ -171,7 +183,7 @@ class MahalanobisScorer(Scorer):
         shrinkage: str = "ledoit_wolf",
         epsilon: float = 0.01,
         per_position: bool = False,
-        feature_subset: int | None = None,
+        feature_subset: int | list[int] | None = None,
         ddof: int = 0,
         aggregate: str = "max",
         few_shot: int | None = None,
@@ -181,7 +193,7 @@ class MahalanobisScorer(Scorer):
         self.ddof = choice_param(self.method, "ddof", ddof, (0, 1))
         if self.ddof and shrinkage != "fixed":
             raise bad_param(self.method, "ddof", "0 unless shrinkage is fixed (Ledoit-Wolf and OAS use the ML covariance)", ddof)
-        self.feature_subset = int_param(self.method, "feature_subset", feature_subset, 1, optional=True)
+        self.feature_subset = _feature_subset(self.method, feature_subset)
         self.pca_dims = int_param(self.method, "pca_dims", pca_dims, 1, optional=True)
         self.shrinkage = choice_param(self.method, "shrinkage", shrinkage, SHRINKAGES)
         self.epsilon = float_param(self.method, "epsilon", epsilon, 0.0, float("inf"), low_inclusive=True)
@@ -206,7 +218,14 @@ class MahalanobisScorer(Scorer):
 
     def _fit(self, train: np.ndarray) -> None:
         self.pca_ = self.dimensions_ = None
-        if self.feature_subset is not None:
+        if isinstance(self.feature_subset, list):
+            if max(self.feature_subset) >= train.shape[-1]:
+                raise ScoringError(
+                    f"score.mahalanobis.feature_subset lists dimension {max(self.feature_subset)}, but the features "
+                    f"have {train.shape[-1]}"
+                )
+            self.dimensions_ = np.array(self.feature_subset)
+        elif self.feature_subset is not None:
             if self.feature_subset > train.shape[-1]:
                 raise ScoringError(
                     f"score.mahalanobis.feature_subset = {self.feature_subset} exceeds the feature dimension "
