@@ -71,6 +71,7 @@ class Row:
     recipe: str  # the params.yaml section score.<recipe>
     backbone: dict  # backbones.<name> entry, weights filled in from the reference's files
     overrides: dict  # run overrides on top of the recipe
+    spread_of: str | None = None  # the row this one repeats with another coreset seed
 
 
 def _rows(weights: Path, settings: dict) -> list[Row]:
@@ -87,11 +88,15 @@ def _rows(weights: Path, settings: dict) -> list[Row]:
     return [
         Row("patchcore WRN50 (faithful)", "patchcore", "patchcore", wrn50, nearest),
         Row("patchcore WRN50 (vitad default)", "patchcore", "patchcore", wrn50, {}),
+        Row("patchcore WRN50 (faithful, seed 1)", "patchcore", "patchcore", wrn50, {**nearest, "seed": 1},
+            spread_of="patchcore WRN50 (faithful)"),
         Row("padim R18 (faithful: anomalib's dims)", "padim", "padim", r18,
             {"feature_subset": settings["recipes"].get("padim", {}).get("idx")}),
         Row("padim R18 (vitad's seeded dims)", "padim", "padim", r18, {}),
         Row("anomalydino ViT-S/14 (faithful)", "anomalydino", "anomalydino", dino, nearest),
         Row("patchcore Lite0 ImageNet (faithful)", "patchcore_lite0", "patchcore", lite0, nearest),
+        Row("patchcore Lite0 ImageNet (faithful, seed 1)", "patchcore_lite0", "patchcore", lite0, {**nearest, "seed": 1},
+            spread_of="patchcore Lite0 ImageNet (faithful)"),
     ]
 
 
@@ -152,7 +157,17 @@ def run_vitad(row: Row, recipes: dict, data: Path, category: str, batch_size: in
     }
 
 
-def compare(row: Row, recipes: dict, data: Path, reference_dir: Path, category: str, batch_size: int) -> dict:
+def _agreement(labels, masks, first_scores, first_maps, second_scores, second_maps) -> dict:
+    return {
+        "vitad": _metrics(labels, first_scores, masks, first_maps),
+        "anomalib": _metrics(labels, second_scores, masks, second_maps),
+        "spearman": float(spearmanr(first_scores, second_scores).statistic),
+        "map_pearson": float(pearsonr(first_maps.ravel(), second_maps.ravel()).statistic),
+    }
+
+
+def compare(row: Row, recipes: dict, data: Path, reference_dir: Path, category: str, batch_size: int) -> tuple[dict, dict]:
+    """(the comparison with anomalib, vitad's outputs)."""
     ours = run_vitad(row, recipes, data, category, batch_size)
     theirs = np.load(reference_dir / row.reference / f"{category}.npz")
     order = {path: index for index, path in enumerate(theirs["paths"])}
@@ -161,16 +176,20 @@ def compare(row: Row, recipes: dict, data: Path, reference_dir: Path, category: 
     size = their_maps.shape[-1]
     if ours["maps"].shape[-1] != size:
         raise SystemExit(f"{row.label}: vitad maps {ours['maps'].shape[-1]} px, anomalib {size} px")
-    labels = np.array([s.is_anomalous for s in ours["samples"]])
-    masks = _model_resolution_masks(data, ours["samples"], size)
-    return {
-        "vitad": _metrics(labels, ours["image_scores"], masks, ours["maps"]),
-        "anomalib": _metrics(labels, their_scores, masks, their_maps.astype(np.float32)),
-        "spearman": float(spearmanr(ours["image_scores"], their_scores).statistic),
-        "map_pearson": float(pearsonr(ours["maps"].ravel(), their_maps.ravel()).statistic),
-        "vitad_seconds": (ours["fit_seconds"], ours["test_seconds"]),
-        "anomalib_seconds": (float(theirs["fit_seconds"]), float(theirs["test_seconds"])),
-    }
+    ours["labels"] = np.array([s.is_anomalous for s in ours["samples"]])
+    ours["masks"] = _model_resolution_masks(data, ours["samples"], size)
+    result = _agreement(ours["labels"], ours["masks"], ours["image_scores"], ours["maps"], their_scores,
+                        their_maps.astype(np.float32))
+    result["vitad_seconds"] = (ours["fit_seconds"], ours["test_seconds"])
+    result["anomalib_seconds"] = (float(theirs["fit_seconds"]), float(theirs["test_seconds"]))
+    return result, ours
+
+
+def seed_spread(first: dict, second: dict) -> dict:
+    """The same comparison between two vitad runs that differ only in the coreset seed: how far
+    the method moves by its own randomness (the yardstick for the coreset rows above)."""
+    return _agreement(first["labels"], first["masks"], first["image_scores"], first["maps"],
+                      second["image_scores"], second["maps"])
 
 
 def _verdict(result: dict) -> str:
@@ -225,17 +244,28 @@ def main() -> None:
                                 weights / "anomalydino_dinov2_hf")
     recipes = load_params(REPO / "params.yaml")["score"]
 
-    results = {}
+    results, spreads, outputs = {}, {}, {}
     for row in _rows(weights, settings):
         if row.reference not in settings["recipes"]:
             continue
         results[row.label] = {}
         for category in args.categories:
-            results[row.label][category] = compare(row, recipes, data, reference, category, args.batch_size)
+            results[row.label][category], outputs[row.label, category] = compare(
+                row, recipes, data, reference, category, args.batch_size
+            )
+            if row.spread_of is not None:
+                spreads.setdefault(f"{row.spread_of} vs seed 1", {})[category] = seed_spread(
+                    outputs[row.spread_of, category], outputs[row.label, category]
+                )
             print(f"{row.label} / {category}: done", flush=True)
     print_table(results)
+    print("\nvitad against itself, coreset seed 0 vs 1 (columns: seed 0, seed 1):")
+    for label, per_category in spreads.items():
+        for category, r in per_category.items():
+            cells = " | ".join(f"{100 * r['vitad'][m]:6.1f} {100 * r['anomalib'][m]:6.1f}" for m in ("image_auroc", "pixel_auroc", "aupro"))
+            print(f"{label:44} {category:8} | {cells} | {r['spearman']:8.3f} {r['map_pearson']:6.3f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
+        args.json.write_text(json.dumps({"anomalib": results, "seed_spread": spreads}, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":
