@@ -11,7 +11,10 @@ Every category has three defect types, at least one of them small (a few hundred
 defects are drawn both brighter and darker than their surroundings while each image gets its own
 brightness/contrast jitter, so mean brightness alone does not separate good from defective.
 Images of a category depend only on (seed, category name, image id): adding a category leaves
-the others' files byte-identical, which keeps DVC from re-running their stages.
+the others' files byte-identical, which keeps DVC from re-running their stages. The pixels are
+the same on every CPU: all float math goes through :mod:`vitad.portable_math` (only exactly
+rounded IEEE operations), never numpy's or libm's CPU-dispatched sin/exp/atan2 or the normal
+sampler, so the dataset's hash in ``dvc.lock`` holds on any machine.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from vitad import portable_math as pm
 from vitad.params import ParamsError
 
 Canvas = np.ndarray  # float32 [H, W, C] in [0, 1]
@@ -40,7 +44,7 @@ class CategorySpec:
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
     return rows, cols
 
 
@@ -50,15 +54,15 @@ def _segment_mask(size: int, start, end, width: float) -> np.ndarray:
     (r0, c0), (r1, c1) = start, end
     dr, dc = r1 - r0, c1 - c0
     t = np.clip(((rows - r0) * dr + (cols - c0) * dc) / max(dr * dr + dc * dc, 1e-6), 0, 1)
-    return np.hypot(rows - (r0 + t * dr), cols - (c0 + t * dc)) <= width / 2
+    return pm.hypot(rows - (r0 + t * dr), cols - (c0 + t * dc)) <= width / 2
 
 
 def _blob_mask(rng: np.random.Generator, size: int, center, radius: float) -> np.ndarray:
     """bool [size, size]: an irregular blob (radius modulated by a few random harmonics)."""
     rows, cols = _grid(size)
-    angle = np.arctan2(rows - center[0], cols - center[1])
-    wobble = sum(rng.uniform(0.05, 0.25) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
-    return np.hypot(rows - center[0], cols - center[1]) <= radius * (1 + wobble)
+    dy, dx = rows - center[0], cols - center[1]
+    wobble = sum(rng.uniform(0.05, 0.25) * pm.angular_harmonic(dx, dy, k, rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    return pm.hypot(dx, dy) <= radius * (1 + wobble)
 
 
 def _random_point(rng: np.random.Generator, size: int, margin: int) -> tuple[float, float]:
@@ -75,12 +79,13 @@ def _render_weave(rng: np.random.Generator, size: int) -> Canvas:
     rows, cols = _grid(size)
     period = 12.0
     phase_r, phase_c = rng.uniform(0, period, 2)
-    warp = np.sin(2 * np.pi * (cols + phase_c) / period) ** 2
-    weft = np.sin(2 * np.pi * (rows + phase_r) / period) ** 2
+    warp = pm.sin(2 * np.pi * (cols + phase_c) / period)
+    weft = pm.sin(2 * np.pi * (rows + phase_r) / period)
+    warp, weft = warp * warp, weft * weft
     over = (np.floor((rows + phase_r) / period) + np.floor((cols + phase_c) / period)) % 2
     pattern = np.where(over > 0, warp, weft) * 0.5 + 0.25  # [H, W]
     base_colour = np.array([0.55, 0.42, 0.30], dtype=np.float32)
-    canvas = pattern[..., None] * base_colour * 1.4 + rng.normal(0, 0.03, (size, size, 1))
+    canvas = pattern[..., None] * base_colour * 1.4 + pm.normal_noise(rng, 0.03, (size, size, 1))
     return canvas.astype(np.float32)
 
 
@@ -88,7 +93,7 @@ def _weave_thread(rng, canvas):
     size = canvas.shape[0]
     start = _random_point(rng, size, 20)
     angle, length = rng.uniform(0, np.pi), rng.uniform(40, 110)
-    end = (start[0] + length * np.sin(angle), start[1] + length * np.cos(angle))
+    end = (start[0] + length * float(pm.sin(angle)), start[1] + length * float(pm.cos(angle)))
     mask = _segment_mask(size, start, end, rng.uniform(2, 4))
     canvas[mask] = np.array([0.15, 0.30, 0.60]) + _signed_shift(rng, 0.0, 0.2)
     return mask
@@ -118,19 +123,20 @@ def _washer_geometry(size: int, rng: np.random.Generator):
 def _render_washer(rng: np.random.Generator, size: int) -> Canvas:
     rows, cols = _grid(size)
     center, outer, inner = _washer_geometry(size, rng)
-    radius = np.hypot(rows - center[0], cols - center[1])
+    dy, dx = rows - center[0], cols - center[1]
+    radius = pm.hypot(dx, dy)
     ring = (radius <= outer) & (radius >= inner)
-    shading = 0.55 + 0.25 * np.cos(np.arctan2(rows - center[0], cols - center[1]) - rng.uniform(0, 2 * np.pi))
-    belt = 0.12 + 0.03 * np.sin(cols / 3.0)
+    shading = 0.55 + 0.25 * pm.angular_harmonic(dx, dy, 1, -rng.uniform(0, 2 * np.pi))
+    belt = 0.12 + 0.03 * pm.sin(cols / 3.0)
     grey = np.where(ring, shading, belt)
     canvas = np.repeat(grey[..., None], 3, axis=2) * np.array([1.0, 1.0, 1.05])
-    return (canvas + rng.normal(0, 0.015, canvas.shape)).astype(np.float32)
+    return (canvas + pm.normal_noise(rng, 0.015, canvas.shape)).astype(np.float32)
 
 
 def _on_ring(rng, size):
     center, outer, inner = _washer_geometry(size, np.random.default_rng(0))
     angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(inner + 8, outer - 8)
-    return (center[0] + radius * np.sin(angle), center[1] + radius * np.cos(angle)), angle
+    return (center[0] + radius * float(pm.sin(angle)), center[1] + radius * float(pm.cos(angle))), angle
 
 
 def _washer_scratch(rng, canvas):
@@ -138,7 +144,7 @@ def _washer_scratch(rng, canvas):
     start, angle = _on_ring(rng, size)
     tangent = angle + np.pi / 2 + rng.uniform(-0.4, 0.4)
     length = rng.uniform(25, 55)
-    end = (start[0] + length * np.sin(tangent), start[1] + length * np.cos(tangent))
+    end = (start[0] + length * float(pm.sin(tangent)), start[1] + length * float(pm.cos(tangent)))
     mask = _segment_mask(size, start, end, 2.0)
     canvas[mask] = 0.5 + _signed_shift(rng, 0.3, 0.45)
     return mask
@@ -148,8 +154,9 @@ def _washer_crack(rng, canvas):
     size = canvas.shape[0]
     center, outer, inner = _washer_geometry(size, np.random.default_rng(0))
     angle = rng.uniform(0, 2 * np.pi)
-    start = (center[0] + inner * np.sin(angle), center[1] + inner * np.cos(angle))
-    end = (center[0] + outer * np.sin(angle), center[1] + outer * np.cos(angle))
+    direction = (float(pm.sin(angle)), float(pm.cos(angle)))
+    start = (center[0] + inner * direction[0], center[1] + inner * direction[1])
+    end = (center[0] + outer * direction[0], center[1] + outer * direction[1])
     mask = _segment_mask(size, start, end, rng.uniform(4, 7))
     canvas[mask] = 0.12
     return mask
@@ -171,8 +178,8 @@ def _render_mesh(rng: np.random.Generator, size: int) -> Canvas:
     phase_r, phase_c = rng.uniform(0, period, 2)
     dist_r = np.abs(((rows + phase_r) % period) - period / 2)
     dist_c = np.abs(((cols + phase_c) % period) - period / 2)
-    wire = np.maximum(np.exp(-(dist_r**2) / 2.0), np.exp(-(dist_c**2) / 2.0))
-    grey = 0.25 + 0.5 * wire + rng.normal(0, 0.03, (size, size))
+    wire = np.maximum(pm.exp(-(dist_r * dist_r) / 2.0), pm.exp(-(dist_c * dist_c) / 2.0))
+    grey = 0.25 + 0.5 * wire + pm.normal_noise(rng, 0.03, (size, size))
     return grey[..., None].astype(np.float32)
 
 
@@ -189,7 +196,8 @@ def _mesh_bent(rng, canvas):
     rows, cols = _grid(size)
     center = _random_point(rng, size, 40)
     spread, peak_shift = rng.uniform(8, 14), rng.uniform(5, 8)
-    displacement = peak_shift * np.exp(-((rows - center[0]) ** 2 + (cols - center[1]) ** 2) / (2 * spread**2))
+    dy, dx = rows - center[0], cols - center[1]
+    displacement = peak_shift * pm.exp(-(dy * dy + dx * dx) / (2 * spread * spread))
     source_rows = np.clip(np.rint(rows + displacement), 0, size - 1).astype(int)
     source_cols = np.clip(np.rint(cols + displacement), 0, size - 1).astype(int)
     canvas[:] = canvas[source_rows, source_cols]
