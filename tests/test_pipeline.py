@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,69 @@ def test_backbone_change_reruns_only_that_backbone(project):
     assert {"extract@resnet50-weave", "extract@resnet50-mesh"} <= stages
     assert not any("dinov2" in s for s in stages), stages
     assert "download" not in stages
+
+
+# Injected into the stage process only (never into dvc itself): the second rename of a finished
+# temporary file onto its output announces itself and hangs, so the test can SIGKILL the stage
+# while one category's scores are in place and the next one's are a half-written temporary.
+_HANG_BEFORE_SECOND_RENAME = """
+import os, sys, time
+from pathlib import Path
+if Path(sys.argv[0]).name == "score.py":
+    _replace, _done = os.replace, []
+    def _replace_or_hang(source, target, *args, **kwargs):
+        if str(source).endswith(".tmp") and _done:
+            Path(os.environ["VITAD_TEST_MARKER"]).write_text(f"{os.getpid()} {source}")
+            time.sleep(600)
+        _done.append(target)
+        return _replace(source, target, *args, **kwargs)
+    os.replace = _replace_or_hang
+"""
+
+
+def _locked_out_hash(project: Path, stage: str) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return lock["stages"][stage]["outs"][0]["md5"]
+
+
+def test_stage_killed_mid_write_leaves_nothing_dvc_hashes_and_repro_recovers(project, tmp_path):
+    run, stage = "resnet50-knn", "score@resnet50-knn"
+    locked = _locked_out_hash(project, stage)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_HANG_BEFORE_SECOND_RENAME)
+    marker = tmp_path / "marker"
+    env = {
+        **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(tmp_path / "hook"), "VITAD_TEST_MARKER": str(marker),
+    }
+    repro = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(1200):
+            if marker.exists() and marker.read_text() or repro.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), f"the stage never reached its second write:\n{repro.communicate()[0] if repro.poll() is not None else ''}"
+        pid, temporary = marker.read_text().split(" ", 1)
+        os.kill(int(pid), signal.SIGKILL)
+        output = repro.communicate(timeout=120)[0]
+    finally:
+        if repro.poll() is None:
+            repro.kill()
+    assert repro.returncode != 0, output
+    temporary = Path(temporary)
+    assert temporary.exists() and temporary.parent == project / "scores" / run  # killed mid-write
+
+    assert _dvc(project, "check-ignore", str(temporary.relative_to(project))).returncode == 0
+    status = json.loads(_dvc(project, "status", "--json").stdout)
+    # the killed stage, and only what reads its output directory
+    assert stage in status and set(status) <= {stage, f"heatmap@{run}", f"evaluate@{run}", "compare"}, status
+    assert temporary.name not in json.dumps(status)
+
+    _dvc(project, "repro")
+    assert "Data and pipelines are up to date" in _dvc(project, "status").stdout
+    assert not temporary.exists()
+    assert _locked_out_hash(project, stage) == locked  # recomputed, identical
 
 
 def test_new_category_runs_only_new_extraction(project):

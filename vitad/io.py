@@ -26,11 +26,28 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def temporary_name_pattern(name: str) -> str:
+    """Glob of the temporary files :func:`atomic_path` writes for ``name``; ``.*.tmp`` in
+    ``.dvcignore`` keeps them out of every hash DVC computes."""
+    return f".{name}.*.tmp"
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete what an earlier writer of ``target`` killed mid-write (SIGKILL, power loss) left.
+    Only one stage writes a given output at a time (DVC holds its lock)."""
+    for stale in target.parent.glob(temporary_name_pattern(target.name)):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from vitad import __version__
 from vitad.cli import StageError
 from vitad.data import DatasetError, index_category, load_mask
+from vitad.io import remove_stale_temporaries
 
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 MVTEC_CATEGORIES = (
@@ -139,6 +140,7 @@ def extract_categories(archive: Path, dest: Path, categories: Sequence[str]) -> 
     archive, dest = Path(archive), Path(dest)
     wanted = set(_checked_categories(categories))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest)
     build_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         top_level_dirs: set[str] = set()
@@ -198,6 +200,7 @@ def link_folder(source: Path | None, dest: Path, categories: Sequence[str]) -> N
                 relative_paths.append(sample.mask_path)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest)
     build_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         warned_about_copy = False

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from vitad import portable_math as pm
+from vitad.io import remove_stale_temporaries
 from vitad.params import ParamsError
 
 Canvas = np.ndarray  # float32 [H, W, C] in [0, 1]
@@ -277,7 +278,8 @@ def generate(
     sibling directory and renamed, so a failure leaves no partial dataset)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         for category in categories:
             generate_category(staging, category, seed, train_images, test_good_images, test_images_per_defect)
