@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test demo benchmarks parity clean
+.PHONY: setup run test demo exps benchmarks parity clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: setup
 
 demo: setup
 	$(BIN)/streamlit run app/demo.py --server.address 127.0.0.1 --client.toolbarMode viewer
+
+# `dvc exp show`, narrow: params that differ, then one line per run whose metrics differ.
+exps: setup
+	$(BIN)/python -m vitad.experiments $(ARGS)
 
 benchmarks: setup
 	$(BIN)/python benchmarks/extract.py

@@ -1,9 +1,11 @@
 """evaluate stage: metrics and curves of one run of pipeline.runs over data.categories.
 
 Writes
-- --metrics (e.g. reports/metrics/<run>.json): {category: {image_auroc, pixel_auroc, aupro,
-  image_ap, pixel_ap, f1_max, pixel_f1_max, embedding_image_auroc, embedding_image_ap}, "mean":
-  {...}} (a DVC metrics file; f1_max is image-level; null = undefined);
+- --metrics (e.g. reports/metrics/<run>.json), the DVC metrics file: {image_auroc, pixel_auroc,
+  aupro} as means over categories, so `dvc metrics show` / `dvc exp show` stay 3 columns a run;
+- <metrics stem>.detail.json next to it: {category: {image_auroc, pixel_auroc, aupro, image_ap,
+  pixel_ap, f1_max, pixel_f1_max, embedding_image_auroc, embedding_image_ap}, "mean": {...}}
+  (f1_max is image-level; null = undefined); `dvc metrics show <file>` reads it too;
 - <metrics stem>.info.json next to it: run, backbone, recipe, method, weights, evaluation settings, test image
   counts (read by the report stage);
 - --plots/<curve>.csv for image_roc, image_pr, pixel_roc, pixel_pr and pro, with a category
@@ -23,9 +25,11 @@ from vitad.evaluation import (  # noqa: E402
     RESOLUTIONS,
     EvaluationError,
     curve_tables,
+    detail_path,
+    detail_record,
     evaluate_run,
+    headline_record,
     info_path,
-    metrics_record,
     run_info,
 )
 from vitad.scorefile import ScoresError  # noqa: E402
@@ -52,12 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     except (EvaluationError, ScoresError) as error:
         raise StageError(str(error)) from error
 
-    record = metrics_record(run)
-    write_json(args.metrics, record)
+    detail = detail_record(run)
+    write_json(args.metrics, headline_record(detail))
+    write_json(detail_path(args.metrics), detail)
     write_json(info_path(args.metrics), run_info(run))
     for name, table in curve_tables(run).items():
         write_text(args.plots / f"{name}.csv", table)
-    mean = {name: "n/a" if value is None else f"{value:.4f}" for name, value in record["mean"].items()}
+    mean = {name: "n/a" if value is None else f"{value:.4f}" for name, value in detail["mean"].items()}
     print(
         f"{run.run}: mean image AUROC {mean['image_auroc']}, pixel AUROC "
         f"{mean['pixel_auroc']}, AU-PRO {mean['aupro']} -> {args.metrics}, {args.plots}"

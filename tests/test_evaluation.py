@@ -159,7 +159,7 @@ def test_mean_is_null_when_a_category_is_undefined(tiny_dataset, tmp_path):
     write_scores(tmp_path / "scores" / "mesh.safetensors", root, "mesh")
     with pytest.warns(UserWarning):
         run = evaluation.evaluate_run(root, tmp_path / "scores", ["weave", "mesh"])
-        record = evaluation.metrics_record(run)
+        record = evaluation.detail_record(run)
     assert record["weave"]["image_auroc"] is None and record["mean"]["image_auroc"] is None
     assert 0 <= record["mesh"]["image_auroc"] <= 1
     assert json.loads(json.dumps(record)) == record  # plain JSON: no NaN tokens
@@ -231,8 +231,10 @@ def test_evaluate_and_report_stages_write_deterministic_outputs(tiny_dataset, tm
             write_scores(tmp_path / "scores" / f"resnet50-{method}" / f"{category}.safetensors", tiny_dataset, category, seed, method)
         metrics_path, plots = run_evaluate(tmp_path, tiny_dataset, tmp_path / "scores" / f"resnet50-{method}", f"resnet50-{method}", params)
 
-    record = json.loads(metrics_path.read_text())
+    record = json.loads(evaluation.detail_path(metrics_path).read_text())
     assert list(record) == ["mean", "mesh", "washer", "weave"]  # sorted keys
+    headline = json.loads(metrics_path.read_text())  # the DVC metrics file: means of the headline metrics
+    assert headline == {name: record["mean"][name] for name in evaluation.HEADLINE_METRICS}
     assert all(set(values) == set(evaluation.METRIC_NAMES) for values in record.values())
     assert record["mean"]["aupro"] == pytest.approx(np.mean([record[c]["aupro"] for c in categories]))
     info = json.loads((metrics_path.parent / "resnet50-kmeans.info.json").read_text())
@@ -244,6 +246,7 @@ def test_evaluate_and_report_stages_write_deterministic_outputs(tiny_dataset, tm
     summary = tmp_path / "reports" / "summary.md"
     stale = metrics_path.parent / "removed_backbone-knn.json"  # left behind by a run no longer in params
     stale.write_bytes(metrics_path.read_bytes())
+    evaluation.detail_path(stale).write_bytes(evaluation.detail_path(metrics_path).read_bytes())
     evaluation.info_path(stale).write_bytes(evaluation.info_path(metrics_path).read_bytes())
     report_params = write_runs_params(tmp_path / "report_params.yaml", "resnet50", ["knn", "kmeans"])
     load_stage("report").main(["--metrics", str(metrics_path.parent), "--out", str(summary), "--params", str(report_params)])
@@ -257,6 +260,7 @@ def test_evaluate_and_report_stages_write_deterministic_outputs(tiny_dataset, tm
     again = tmp_path / "again"
     rerun_metrics, rerun_plots = run_evaluate(again, tiny_dataset, tmp_path / "scores" / "resnet50-kmeans", "resnet50-kmeans", params)
     assert rerun_metrics.read_bytes() == metrics_path.read_bytes()
+    assert evaluation.detail_path(rerun_metrics).read_bytes() == evaluation.detail_path(metrics_path).read_bytes()
     assert all((rerun_plots / p.name).read_bytes() == p.read_bytes() for p in plots.iterdir())
 
 
@@ -277,7 +281,7 @@ def write_runs_params(path: Path, backbone: str, methods: list[str]) -> Path:
 
 
 def test_report_stage_without_info_file_says_which(tmp_path):
-    (tmp_path / "a-knn.json").write_text(json.dumps({"mean": {"image_auroc": 0.5}}))
+    (tmp_path / "a-knn.detail.json").write_text(json.dumps({"mean": {"image_auroc": 0.5}}))
     params = write_runs_params(tmp_path / "params.yaml", "a", ["knn"])
     with pytest.raises(StageError, match="a-knn.info.json: missing"):
         load_stage("report").main(["--metrics", str(tmp_path), "--out", str(tmp_path / "summary.md"), "--params", str(params)])
@@ -285,8 +289,8 @@ def test_report_stage_without_info_file_says_which(tmp_path):
 
 def test_report_stage_names_a_run_without_metrics(tmp_path):
     params = write_runs_params(tmp_path / "params.yaml", "a", ["kmeans", "knn"])
-    (tmp_path / "a-knn.json").write_text(json.dumps({"mean": {"image_auroc": 0.5}}))
-    with pytest.raises(StageError, match="a-kmeans.json: missing"):
+    (tmp_path / "a-knn.detail.json").write_text(json.dumps({"mean": {"image_auroc": 0.5}}))
+    with pytest.raises(StageError, match="a-kmeans.detail.json: missing"):
         load_stage("report").main(["--metrics", str(tmp_path), "--out", str(tmp_path / "summary.md"), "--params", str(params)])
 
 

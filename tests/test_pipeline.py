@@ -95,10 +95,13 @@ def project(tmp_path_factory) -> Path:
 
 def test_pipeline_writes_metrics_plots_and_figures(project):
     for pair in [f"{b}-{m}" for b, m in RUNS]:
-        metrics = json.loads((project / "reports" / "metrics" / f"{pair}.json").read_text())
-        assert set(metrics) >= {"weave", "mesh", "mean"}
-        for values in metrics.values():
+        headline = json.loads((project / "reports" / "metrics" / f"{pair}.json").read_text())
+        assert set(headline) == {"image_auroc", "pixel_auroc", "aupro"}
+        detail = json.loads((project / "reports" / "metrics" / f"{pair}.detail.json").read_text())
+        assert set(detail) >= {"weave", "mesh", "mean"}
+        for values in detail.values():
             assert 0.0 <= values["image_auroc"] <= 1.0 and 0.0 <= values["pixel_auroc"] <= 1.0
+        assert headline["aupro"] == detail["mean"]["aupro"]
         assert any((project / "reports" / "plots" / pair).iterdir())
         assert any((project / "reports" / "figures" / pair).glob("*.png"))
     shown = _dvc(project, "metrics", "show").stdout
@@ -217,8 +220,8 @@ def test_new_category_runs_only_new_extraction(project):
     ran = set(re.findall(r"Running stage '([^']+)'", output))
     assert {"extract@resnet50-washer", "extract@dinov2_vitb14-washer"} <= ran
     assert not any(s.startswith("extract@") and not s.endswith("-washer") for s in ran), ran
-    metrics = json.loads((project / "reports" / "metrics" / "resnet50-knn.json").read_text())
-    assert "washer" in metrics
+    detail = json.loads((project / "reports" / "metrics" / "resnet50-knn.detail.json").read_text())
+    assert "washer" in detail
 
 
 def test_bad_category_fails_with_its_name_and_keeps_data(project):
@@ -228,3 +231,18 @@ def test_bad_category_fails_with_its_name_and_keeps_data(project):
     assert result.returncode != 0
     assert "wool" in result.stdout + result.stderr
     assert sorted(p.name for p in (project / "data" / "dataset").iterdir()) == before
+
+
+def test_experiment_sweeps_read_as_one_narrow_table(project):
+    git = ["git", "-c", "user.name=vitad-test", "-c", "user.email=test@vitad.invalid"]
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True)
+    for k in (2, 3):
+        _dvc(project, "exp", "run", "-S", f"++pipeline.runs.resnet50-knn.k={k}")  # ++: add or override
+    shown = subprocess.run([sys.executable, "-m", "vitad.experiments"], cwd=project, capture_output=True, text=True, check=True).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, shown
+    assert lines[0].split()[:2] == ["experiment", "pipeline.runs.resnet50-knn.k"], shown
+    experiment_rows = [line.split() for line in lines[2:] if not line.startswith(" " * 4)]
+    assert sorted(row[1] for row in experiment_rows if row[0] != "workspace") == ["2", "3", "n/a"], shown  # baseline + 2 sweeps
+    assert {line.split()[-4] for line in lines[2:]} <= {"resnet50-knn", "differs)"}, shown  # no other run changed

@@ -44,7 +44,11 @@ CURVE_COLUMNS = {  # curve name -> (x column, y column) of its CSV
     "pixel_pr": ("recall", "precision"),
     "pro": ("fpr", "pro"),
 }
+# What the DVC metrics file of a run holds (means over categories): 3 columns per run in `dvc
+# metrics show` and `dvc exp show`; every metric of every category goes to the detail file.
+HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 MEAN = "mean"
+DETAIL_SUFFIX = ".detail.json"  # every metric per category and mean, next to each metrics file
 INFO_SUFFIX = ".info.json"  # evaluation facts next to each metrics file, for the report
 
 Curves = dict[str, tuple[np.ndarray, np.ndarray]]  # curve name -> (x, y), see CURVE_COLUMNS
@@ -197,12 +201,18 @@ def _json_number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def metrics_record(run: RunEvaluation) -> dict[str, dict[str, float | None]]:
-    """The metrics JSON: {category: {metric: value}, "mean": {...}}; NaN is written as null."""
+def detail_record(run: RunEvaluation) -> dict[str, dict[str, float | None]]:
+    """The detail JSON: {category: {metric: value}, "mean": {...}} for every metric of
+    METRIC_NAMES; NaN is written as null."""
     if MEAN in run.metrics:
         raise EvaluationError(f"a category may not be called {MEAN!r}: it names the mean over categories")
     table = {**run.metrics, MEAN: mean_over_categories(run.metrics)}
     return {row: {name: _json_number(values[name]) for name in METRIC_NAMES} for row, values in table.items()}
+
+
+def headline_record(detail: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
+    """The DVC metrics JSON of a run: {metric: mean over categories} for HEADLINE_METRICS."""
+    return {name: detail[MEAN][name] for name in HEADLINE_METRICS}
 
 
 def curve_tables(run: RunEvaluation) -> dict[str, str]:
@@ -238,6 +248,12 @@ def info_path(metrics_path: str | Path) -> Path:
     return metrics_path.with_name(metrics_path.stem + INFO_SUFFIX)
 
 
+def detail_path(metrics_path: str | Path) -> Path:
+    """``reports/metrics/<name>.json`` -> ``reports/metrics/<name>.detail.json``."""
+    metrics_path = Path(metrics_path)
+    return metrics_path.with_name(metrics_path.stem + DETAIL_SUFFIX)
+
+
 # ----------------------------------------------------------------------------- summary report
 
 REPORT_COLUMNS = (  # (metric, column title)
@@ -254,7 +270,7 @@ REPORT_COLUMNS = (  # (metric, column title)
 
 @dataclass(frozen=True)
 class ReportEntry:
-    """One metrics file with its info file."""
+    """One run's detail file (``metrics``) with its info file."""
 
     path: Path
     info: dict
@@ -262,21 +278,20 @@ class ReportEntry:
 
 
 def read_report_entries(metrics_dir: str | Path, names: list[str]) -> list[ReportEntry]:
-    """The ``<name>.json`` metrics files of ``metrics_dir`` with their ``<name>.info.json``, for
+    """The ``<name>.detail.json`` files of ``metrics_dir`` with their ``<name>.info.json``, for
     ``names`` in that order (the pipeline's runs: files left behind by a run since removed from
     params.yaml stay out of the report)."""
     metrics_dir = Path(metrics_dir)
-    paths = [metrics_dir / f"{name}.json" for name in names]
-    if not paths:
+    if not names:
         raise EvaluationError(f"{metrics_dir}: no runs to report")
     entries = []
-    for path in paths:
-        sidecar = info_path(path)
+    for name in names:
+        path, sidecar = detail_path(metrics_dir / f"{name}.json"), info_path(metrics_dir / f"{name}.json")
         try:
             metrics = json.loads(path.read_text(encoding="utf-8"))
             info = json.loads(sidecar.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
-            raise EvaluationError(f"{error.filename}: missing; the evaluate stage writes it next to {path}") from error
+            raise EvaluationError(f"{error.filename}: missing; the evaluate stage of run {name} writes it (dvc repro evaluate@{name})") from error
         except json.JSONDecodeError as error:
             raise EvaluationError(f"{path} or {sidecar}: not valid JSON ({error})") from error
         missing = [key for key in ("run", "backbone", "recipe", "weights", "random_weights", "evaluation") if key not in info]
