@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test demo exps benchmarks parity clean
+.PHONY: setup run test demo exps benchmarks parity clean remote push pull worker finish fanout
 
 setup: $(STAMP)
 
@@ -44,6 +44,44 @@ benchmarks: setup
 # weights; anomalib goes into its own venv (.venv-anomalib), never into vitad's.
 parity: setup
 	$(BIN)/python benchmarks/parity.py
+
+# Sharing work through a DVC remote with the run-cache (README, "Sharing work"). REMOTE: a local
+# or mounted directory (the default), s3://bucket/path, gs://bucket/path, ssh://host/path, ...
+REMOTE ?= $(abspath $(CURDIR)/../vitad-remote)
+remote: setup
+	case "$(REMOTE)" in *://*) ;; *) mkdir -p "$(REMOTE)" ;; esac
+	dvc remote add --default --force vitad "$(REMOTE)"
+
+push: setup
+	dvc push --run-cache
+
+# Restores from the remote whatever someone has computed for these params, computes the rest.
+# The dataset first: `repro --pull` counts the missing (never cached) dataset as pulled.
+pull: setup
+	dvc repro download
+	dvc repro --pull
+
+# The extract matrix over WORKERS workers. On a cluster, job WORKER of an array runs `make worker`
+# in its own clone (pushing to the remote) and one job runs `make finish` after them all.
+WORKERS ?= 2
+WORKER ?= 0
+worker: setup
+	$(BIN)/python -m vitad.fanout worker --index $(WORKER) --count $(WORKERS)
+
+finish: setup
+	$(BIN)/python -m vitad.fanout finish
+
+# On one machine: WORKERS git worktrees of HEAD sharing this checkout's DVC cache, worker i on
+# GPU i (or on 1/WORKERS of the CPU cores), run in parallel by make; then this checkout finishes.
+fanout: setup
+	$(BIN)/python -m vitad.fanout worktrees --count $(WORKERS)
+	$(MAKE) -j$(WORKERS) $(addprefix fanout-worker-,$(shell seq 0 $$(($(WORKERS) - 1))))
+	$(BIN)/python -m vitad.fanout finish --no-pull
+
+fanout-worker-%:
+	cd .dvc/tmp/fanout/worker-$* && CUDA_VISIBLE_DEVICES=$* \
+	  OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(( ($$(nproc) + $(WORKERS) - 1) / $(WORKERS) ))} \
+	  $(CURDIR)/$(BIN)/python -m vitad.fanout worker --index $* --count $(WORKERS) --no-push
 
 clean:
 	rm -rf data/dataset featurebanks scores reports

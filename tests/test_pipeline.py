@@ -22,7 +22,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = [("resnet50", "knn"), ("resnet50", "patchcore"), ("resnet50", "kmeans"), ("dinov2_vitb14", "knn")]
-PROJECT_FILES = ["vitad", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/plots"]
+PROJECT_FILES = ["vitad", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/.gitignore", ".dvc/config", ".dvc/plots"]
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +76,8 @@ def _tiny(params: dict) -> None:
     params["heatmap"]["examples_per_defect"] = 1
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the project that has run the tiny pipeline once."""
-    root = tmp_path_factory.mktemp("project")
+def copy_project(root: Path) -> Path:
+    """The project's pipeline (code, dvc.yaml, params, DVC and git settings) copied into `root`."""
     for name in PROJECT_FILES:
         source = REPO / name
         if source.is_dir():
@@ -87,6 +85,13 @@ def project(tmp_path_factory) -> Path:
         elif source.exists():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project that has run the tiny pipeline once."""
+    root = copy_project(tmp_path_factory.mktemp("project"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     _edit_params(root, _tiny)
     _dvc(root, "repro")
