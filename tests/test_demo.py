@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import io
 import shutil
 import struct
@@ -22,6 +21,7 @@ import yaml
 from PIL import ExifTags, Image
 from streamlit.testing.v1 import AppTest
 
+from tiny_project import BACKBONE, REPO, rescore
 from vitad import demo
 from vitad.calibration import holdout_image_scores
 from vitad.data import index_category, split_samples
@@ -34,55 +34,13 @@ from vitad.params import ParamsError
 from vitad.scorefile import read_category_scores
 from vitad.scoring import ScoringError, aggregate_image_scores, few_shot_indices, make_scorer
 
-REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app" / "demo.py"
-BACKBONE = "tiny_dinov2"
-CATEGORIES = ("weave", "mesh")  # an RGB and a single-channel category
-METHODS = ("knn", "mahalanobis")
-TINY_DINOV2 = {
-    "family": "dinov2",
-    "pretrained": "facebook/dinov2-base",
-    "image_size": 56,
-    "layer": -1,
-    "image_embedding": "cls",
-    "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-}
 APP_TIMEOUT_S = 60
 
 
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"demo_test_stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def build_project(root: Path, dataset: Path) -> Path:
-    """A project under ``root`` that has run extract and score for tiny_dinov2 x knn, mahalanobis
-    x weave, mesh (the stages' own code, params.yaml written there)."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["pipeline"] = {"backbones": [BACKBONE], "runs": {f"{BACKBONE}-{m}": {"backbone": BACKBONE, "recipe": m} for m in METHODS}}
-    params["data"]["categories"] = list(CATEGORIES)
-    params["extract"].update(device="cpu", batch_size=4)
-    params["backbones"] = {BACKBONE: TINY_DINOV2}
-    root.mkdir(parents=True, exist_ok=True)
-    params_path = root / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    extract, score = _stage("extract"), _stage("score")
-    for category in CATEGORIES:
-        bank = root / "featurebanks" / BACKBONE / f"{category}.safetensors"
-        extract.main(["--backbone", BACKBONE, "--category", category, "--data", str(dataset), "--out", str(bank),
-                      "--params", str(params_path)])
-    for method in METHODS:
-        score.main(["--run", f"{BACKBONE}-{method}", "--featurebanks", str(root / "featurebanks" / BACKBONE),
-                    "--out", str(root / "scores" / f"{BACKBONE}-{method}"),
-                    "--models", str(root / "models" / f"{BACKBONE}-{method}"), "--params", str(params_path)])
-    return root
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_dataset) -> Path:
-    return build_project(tmp_path_factory.mktemp("demo") / "project", tiny_dataset)
+def project(tiny_project) -> Path:
+    return tiny_project
 
 
 @pytest.fixture(scope="module")
@@ -257,12 +215,6 @@ def _bank_path(root: Path, category: str = "weave") -> Path:
     return root / "featurebanks" / BACKBONE / f"{category}.safetensors"
 
 
-def _rescore(root: Path, method: str = "knn") -> None:
-    _stage("score").main(["--run", f"{BACKBONE}-{method}", "--featurebanks", str(root / "featurebanks" / BACKBONE),
-                          "--out", str(root / "scores" / f"{BACKBONE}-{method}"),
-                          "--models", str(root / "models" / f"{BACKBONE}-{method}"), "--params", str(root / "params.yaml")])
-
-
 def test_score_stage_calibrates_the_threshold_on_training_features_only(project, knn_weave, tmp_path):
     copy = shutil.copytree(project, tmp_path / "copy")
     bank = read_bank(_bank_path(copy))
@@ -274,7 +226,7 @@ def test_score_stage_calibrates_the_threshold_on_training_features_only(project,
         test_patches=rng.standard_normal(bank.test_patches.shape).astype(np.float32),
         train_samples=bank.train_samples, test_samples=bank.test_samples, info=bank.info,
     )
-    _rescore(copy)
+    rescore(copy, "knn")
     model = read_model(demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave").model_path(copy))
     assert model.threshold == knn_weave.model.threshold
     np.testing.assert_array_equal(model.holdout_scores, knn_weave.model.holdout_scores)

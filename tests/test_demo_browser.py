@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from test_demo import APP, BACKBONE, build_project
+from test_demo import APP
+from tiny_project import BACKBONE, build_project
 from vitad import demo
 from vitad.data import index_category, split_samples
 
