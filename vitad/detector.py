@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -235,7 +236,7 @@ class Detector:
         """One :class:`ScoredFile` per source, in order (see the module docstring)."""
         sources = list(sources)
         chunk = batch_size * DECODE_CHUNK_BATCHES
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(min(os.cpu_count() or 1, 8) if workers is None else workers) as pool:
             for start in range(0, len(sources), chunk):
                 names = [name for name, _ in sources[start : start + chunk]]
                 decoded = list(pool.map(self._decoded, sources[start : start + chunk]))
