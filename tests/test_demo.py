@@ -25,7 +25,7 @@ from tiny_project import BACKBONE, REPO, rescore
 from vitad import demo
 from vitad.calibration import holdout_image_scores
 from vitad.data import index_category, split_samples
-from vitad.detector import ImageError, decode_image, results_csv
+from vitad.detector import Detector, ImageError, decode_image, results_csv
 from vitad.featurebank import read_bank, write_bank
 from vitad.figures import overlay_image
 from vitad.io import load_arrays, save_arrays
@@ -44,7 +44,7 @@ def project(tiny_project) -> Path:
 
 
 @pytest.fixture(scope="module")
-def knn_weave(project) -> demo.Detector:
+def knn_weave(project) -> Detector:
     return demo.load_detector(project, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
 
 
@@ -279,7 +279,7 @@ def test_an_image_that_cannot_be_scored_is_an_error_row_and_the_batch_goes_on(kn
                 raise ScoringError("test features contain 3 NaN/inf values")
             return knn_weave.model.scorer.image_scores(features, model_map)
 
-    def broken() -> demo.Detector:
+    def broken() -> Detector:
         return dataclasses.replace(knn_weave, model=dataclasses.replace(knn_weave.model, scorer=FailsOnTheFirstImage()))
 
     files = [_test_image(tiny_dataset, "weave", index) for index in (0, 1)]
