@@ -39,6 +39,7 @@ benchmarks: setup
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/score.py
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/predict.py
 
 # vitad's recipes next to anomalib's Patchcore / Padim / AnomalyDINO on the same images and
 # weights; anomalib goes into its own venv (.venv-anomalib), never into vitad's.

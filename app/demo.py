@@ -18,15 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from vitad import demo  # noqa: E402
+from vitad.detector import Detector, ImageError, result_record, results_csv  # noqa: E402
 from vitad.params import ParamsError  # noqa: E402
 
 GALLERY_COLUMNS = 4
 
 
-@st.cache_resource(max_entries=4, show_spinner="Fitting the scorer on the training features…")
-def cached_detector(root: str, name: str, backbone: str, category: str, fingerprint: str) -> demo.Detector:
-    """One fitted detector per run, shared by all sessions; ``fingerprint`` (see
-    :func:`vitad.demo.detector_fingerprint`) only keys the cache, so new pipeline outputs refit."""
+@st.cache_resource(max_entries=4, show_spinner="Loading the fitted model…")
+def cached_detector(root: str, name: str, backbone: str, category: str, fingerprint: str) -> Detector:
+    """One loaded detector per run, shared by all sessions; ``fingerprint`` (see
+    :func:`vitad.demo.detector_fingerprint`) only keys the cache, so new pipeline outputs reload."""
     return demo.load_detector(Path(root), demo.Run(name, backbone, category))
 
 
@@ -37,32 +38,36 @@ def choose_run(runs: list[demo.Run]) -> demo.Run:
     return st.sidebar.selectbox("Run (backbone-recipe)", choices, format_func=lambda run: run.name)
 
 
-def choose_threshold(detector: demo.Detector) -> float:
+def choose_threshold(detector: Detector, run: demo.Run) -> float:
     low, high = detector.threshold_range
+    calibrated = detector.model.threshold
     threshold = st.sidebar.slider(
         "Threshold",
         min_value=low,
         max_value=high,
-        value=detector.threshold,
+        value=(low + high) / 2 if calibrated is None else calibrated,
         step=(high - low) / 1000,
         format="%.5g",
-        key=f"threshold {detector.run.label} {detector.threshold!r}",  # a re-calibration resets it
+        key=f"threshold {run.label} {calibrated!r}",  # a re-calibration resets it
         help="An image is anomalous when its score is above the threshold.",
     )
-    st.sidebar.caption(
-        f"Calibrated: {demo.format_score(detector.threshold)}, the highest score of {len(detector.holdout_scores)} "
-        "held-out training images (each scored by a model fitted without it); no test image or label is used."
-    )
+    if calibrated is None:
+        st.sidebar.warning("No calibrated threshold: the run has fewer than 2 training images to hold out.")
+    else:
+        st.sidebar.caption(
+            f"Calibrated: {demo.format_score(calibrated)}, the highest score of {len(detector.model.holdout_scores)} "
+            "held-out training images (each scored by a model fitted without it); no test image or label is used."
+        )
     return threshold
 
 
-def single_image(detector: demo.Detector, threshold: float) -> None:
+def single_image(detector: Detector, threshold: float) -> None:
     upload = st.file_uploader("Upload one image", key="single")
     if upload is None:
         return
     try:
         decoded, result = demo.score_upload(detector, upload.getvalue(), upload.name)
-    except demo.UploadError as error:
+    except ImageError as error:
         st.error(str(error))
         return
     for note in decoded.notes + result.notes:
@@ -81,59 +86,53 @@ def single_image(detector: demo.Detector, threshold: float) -> None:
     image_column, overlay_column = st.columns(2)
     image = decoded.image
     image_column.image(demo.display_copy(image), caption=f"{upload.name} ({image.width}x{image.height})")
-    vmin, vmax = detector.colour_scale
+    vmin, vmax = detector.model.colour_scale
     overlay_column.image(
-        demo.overlay_image(image, result.anomaly_map, detector.colour_scale),
+        demo.display_overlay(detector, decoded, result),
         caption=f"anomaly map (blue {demo.format_score(vmin)} … red {demo.format_score(vmax)})",
     )
 
 
-def batch(detector: demo.Detector, threshold: float) -> None:
+def batch(detector: Detector, threshold: float) -> None:
     uploads = st.file_uploader("Upload several images", accept_multiple_files=True, key="batch")
     if not uploads:
         return
-    rows, gallery = [], []
     progress = st.progress(0.0, text="Scoring…")
-    for number, upload in enumerate(uploads, start=1):
-        try:
-            decoded, result = demo.score_upload(detector, upload.getvalue(), upload.name)
-        except demo.UploadError as error:
-            rows.append(demo.BatchRow(upload.name, None, None, None, str(error)))
-        else:
-            image = decoded.image
-            notes = "; ".join(decoded.notes + result.notes)
-            row = demo.BatchRow(upload.name, image.width, image.height, result.score, notes)
-            rows.append(row)
-            gallery.append((row, demo.overlay_image(image, result.anomaly_map, detector.colour_scale)))
-        progress.progress(number / len(uploads), text=f"Scored {number} of {len(uploads)}")
+    scored_files = []
+    # The code path of `vitad predict`: decoded by a thread pool, scored in batches.
+    for scored in detector.score_files((upload.name, upload.getvalue) for upload in uploads):
+        scored_files.append(scored)
+        progress.progress(len(scored_files) / len(uploads), text=f"Scored {len(scored_files)} of {len(uploads)}")
     progress.empty()
-    failed = [row for row in rows if row.score is None]
+    failed = [scored for scored in scored_files if scored.error is not None]
     if failed:
-        messages = " | ".join(row.message for row in failed)
-        st.error(f"{len(failed)} of {len(rows)} files could not be scored: {messages}")
+        messages = " | ".join(scored.error for scored in failed)
+        st.error(f"{len(failed)} of {len(scored_files)} files could not be scored: {messages}")
+    records = [result_record(scored, threshold, detector.model) for scored in scored_files]
     st.dataframe(
         [
             {
-                "file": row.file,
-                "score": row.score,
-                "decision": row.decision(threshold),
-                "size": "" if row.width is None else f"{row.width}x{row.height}",
-                "message": row.message,
+                "file": record["file"],
+                "score": record["anomaly_score"],
+                "decision": record["decision"],
+                "size": "" if record["width"] is None else f"{record['width']}x{record['height']}",
+                "message": record["message"],
             }
-            for row in rows
+            for record in records
         ],
         hide_index=True,
     )
     st.download_button(
         "Download CSV",
-        demo.results_csv(rows, threshold, detector),
-        file_name=f"vitad-{detector.run.name}-{detector.run.category}.csv",
+        results_csv(scored_files, threshold, detector.model),
+        file_name=f"vitad-{detector.model.run}-{detector.model.category}.csv",
         mime="text/csv",
     )
     columns = st.columns(GALLERY_COLUMNS)
-    for index, (row, overlay) in enumerate(gallery):
-        caption = f"{row.file}: {demo.format_score(row.score)} ({row.decision(threshold)})"
-        columns[index % GALLERY_COLUMNS].image(overlay, caption=caption)
+    scored_images = [(scored, record) for scored, record in zip(scored_files, records) if scored.error is None]
+    for index, (scored, record) in enumerate(scored_images):
+        caption = f"{scored.name}: {demo.format_score(scored.result.score)} ({record['decision']})"
+        columns[index % GALLERY_COLUMNS].image(demo.display_overlay(detector, scored.decoded, scored.result), caption=caption)
 
 
 def main() -> None:
@@ -147,9 +146,8 @@ def main() -> None:
         return
     if not runs:
         st.error(
-            f"No pipeline outputs under {root} (scores/<run>/<category>.safetensors with their "
-            f"featurebanks/<backbone>/<category>.safetensors): run the pipeline first (`make run`), or set "
-            f"{demo.PROJECT_ENV} to a project that has run it."
+            f"No pipeline outputs under {root} (fitted models models/<run>/<category>.safetensors): run the "
+            f"pipeline first (`make run`), or set {demo.PROJECT_ENV} to a project that has run it."
         )
         return
     run = choose_run(runs)
@@ -159,16 +157,16 @@ def main() -> None:
     except demo.LOAD_ERRORS as error:
         st.error(f"Cannot serve {run.label}: {error}")
         return
-    threshold = choose_threshold(detector)
-    if detector.random_weights:
+    threshold = choose_threshold(detector, run)
+    if detector.model.random_weights:
         st.warning(
             f"{run.backbone} is randomly initialised (params.yaml weights: random): the scores show how the pipeline "
             "works, not how well pretrained features detect defects."
         )
     else:
-        st.success(f"{run.backbone} uses pretrained weights ({detector.weights_info.get('source', '')}).")
+        st.success(f"{run.backbone} uses pretrained weights ({detector.model.weights_info.get('source', '')}).")
     st.caption(
-        f"{run.label} · recipe {detector.recipe} · scores are distances of patch features to the defect-free "
+        f"{run.label} · recipe {detector.model.recipe} · scores are distances of patch features to the defect-free "
         "training images"
     )
     single_tab, batch_tab = st.tabs(["Single image", "Batch"])

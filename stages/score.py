@@ -5,13 +5,17 @@ Reads params.yaml ``data.categories``, ``pipeline.runs.<run>``, the run's recipe
 scorer on the training features of featurebanks/<backbone>/<category>.safetensors (patch grids
 and image embeddings separately), score the test features and write <out>/<category>.safetensors
 with ``image_scores`` [M] (the evaluated score), ``patch_scores`` [M, h, w] and
-``embedding_scores`` [M] (image-embedding route), plus metadata saying what produced them.
+``embedding_scores`` [M] (image-embedding route), plus metadata saying what produced them; and
+the fitted model <models>/<category>.safetensors (vitad/model.py: the fitted patch-level scorer,
+the extractor settings and weights fingerprint, the map settings and the threshold calibrated on
+held-out training images), which ``vitad predict`` and the web demo load without re-fitting.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitad.cli import run_stage  # noqa: E402
 from vitad.featurebank import read_bank  # noqa: E402
 from vitad.io import reset_directory  # noqa: E402
+from vitad.model import fit_model, write_model  # noqa: E402
 from vitad.params import load_params, string_list  # noqa: E402
 from vitad.runs import run_spec  # noqa: E402
 from vitad.scorefile import write_category_scores  # noqa: E402
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", required=True, help="a key of pipeline.runs")
     parser.add_argument("--featurebanks", required=True, type=Path, help="featurebanks/<backbone>")
     parser.add_argument("--out", required=True, type=Path, help="scores/<run>")
+    parser.add_argument("--models", required=True, type=Path, help="models/<run>")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = run_spec(params, args.run)  # bad settings fail before any bank is read
 
     reset_directory(args.out)
+    reset_directory(args.models)
     for category in categories:
         bank_path = args.featurebanks / f"{category}.safetensors"
         bank = read_bank(bank_path)
@@ -46,9 +53,12 @@ def main(argv: list[str] | None = None) -> None:
             model_map=spec.model_map(bank.info["image_size"]),
         )
         path = write_category_scores(args.out / f"{category}.safetensors", spec, category, bank, scores)
+        start = time.perf_counter()
+        model = write_model(args.models / f"{category}.safetensors", fit_model(spec, category, bank, scores))
         print(
-            f"{spec.name}/{category}: fit {scores.fit_seconds:.2f} s, score {scores.score_seconds:.2f} s "
-            f"({len(bank.train_samples)} train, {len(bank.test_samples)} test images) -> {path}"
+            f"{spec.name}/{category}: fit {scores.fit_seconds:.2f} s, score {scores.score_seconds:.2f} s, threshold "
+            f"calibration {time.perf_counter() - start:.2f} s ({len(bank.train_samples)} train, "
+            f"{len(bank.test_samples)} test images) -> {path}, {model}"
         )
 
 

@@ -15,3 +15,11 @@ def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "dataset"
     synthetic.generate(root, list(synthetic.CATEGORIES), seed=0, train_images=3, test_good_images=2, test_images_per_defect=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, tiny_dataset) -> Path:
+    """A project that has run extract and score on ``tiny_dataset`` (see tests/tiny_project.py)."""
+    from tiny_project import build_project
+
+    return build_project(tmp_path_factory.mktemp("tiny") / "project", tiny_dataset)

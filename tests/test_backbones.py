@@ -99,7 +99,9 @@ def test_random_weights_are_seeded_and_recorded():
     _assert_same_weights(first.model, second.model.state_dict())
     assert not torch.equal(first.model.embeddings.patch_embeddings.projection.weight,
                            other.model.embeddings.patch_embeddings.projection.weight)
+    fingerprint = first.weights_info.pop("fingerprint")
     assert first.weights_info == {"mode": "random", "seed": 3, "source": "random initialisation"}
+    assert fingerprint == second.weights_info["fingerprint"] != other.weights_info["fingerprint"]
 
 
 def test_random_resnets_start_every_residual_block_as_the_identity():

@@ -1,4 +1,5 @@
-"""Web demo: the logic in vitad.demo, and the Streamlit page driven by streamlit.testing.
+"""Web demo: the logic in vitad.demo and vitad.detector (shared with `vitad predict`), the
+threshold calibration, and the Streamlit page driven by streamlit.testing.
 
 The served project is built by the real extract and score stages (tiny random DINOv2, tiny
 generated dataset) in a temporary directory; the page finds it through $VITAD_PROJECT.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import io
 import shutil
 import struct
@@ -21,66 +21,30 @@ import yaml
 from PIL import ExifTags, Image
 from streamlit.testing.v1 import AppTest
 
+from tiny_project import BACKBONE, REPO, rescore
 from vitad import demo
+from vitad.calibration import holdout_image_scores
 from vitad.data import index_category, split_samples
+from vitad.detector import Detector, ImageError, decode_image, results_csv
 from vitad.featurebank import read_bank, write_bank
-from vitad.io import save_arrays
+from vitad.figures import overlay_image
+from vitad.io import load_arrays, save_arrays
+from vitad.model import ModelError, read_model
 from vitad.params import ParamsError
 from vitad.scorefile import read_category_scores
 from vitad.scoring import ScoringError, aggregate_image_scores, few_shot_indices, make_scorer
 
-REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app" / "demo.py"
-BACKBONE = "tiny_dinov2"
-CATEGORIES = ("weave", "mesh")  # an RGB and a single-channel category
-METHODS = ("knn", "mahalanobis")
-TINY_DINOV2 = {
-    "family": "dinov2",
-    "pretrained": "facebook/dinov2-base",
-    "image_size": 56,
-    "layer": -1,
-    "image_embedding": "cls",
-    "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
-}
 APP_TIMEOUT_S = 60
 
 
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"demo_test_stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def build_project(root: Path, dataset: Path) -> Path:
-    """A project under ``root`` that has run extract and score for tiny_dinov2 x knn, mahalanobis
-    x weave, mesh (the stages' own code, params.yaml written there)."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["pipeline"] = {"backbones": [BACKBONE], "runs": {f"{BACKBONE}-{m}": {"backbone": BACKBONE, "recipe": m} for m in METHODS}}
-    params["data"]["categories"] = list(CATEGORIES)
-    params["extract"].update(device="cpu", batch_size=4)
-    params["backbones"] = {BACKBONE: TINY_DINOV2}
-    root.mkdir(parents=True, exist_ok=True)
-    params_path = root / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    extract, score = _stage("extract"), _stage("score")
-    for category in CATEGORIES:
-        bank = root / "featurebanks" / BACKBONE / f"{category}.safetensors"
-        extract.main(["--backbone", BACKBONE, "--category", category, "--data", str(dataset), "--out", str(bank),
-                      "--params", str(params_path)])
-    for method in METHODS:
-        score.main(["--run", f"{BACKBONE}-{method}", "--featurebanks", str(root / "featurebanks" / BACKBONE),
-                    "--out", str(root / "scores" / f"{BACKBONE}-{method}"), "--params", str(params_path)])
-    return root
+@pytest.fixture(scope="module")
+def project(tiny_project) -> Path:
+    return tiny_project
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_dataset) -> Path:
-    return build_project(tmp_path_factory.mktemp("demo") / "project", tiny_dataset)
-
-
-@pytest.fixture(scope="module")
-def knn_weave(project) -> demo.Detector:
+def knn_weave(project) -> Detector:
     return demo.load_detector(project, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
 
 
@@ -108,33 +72,26 @@ def _test_image(dataset: Path, category: str, index: int = 0) -> tuple[str, byte
 # --- what the pipeline produced ----------------------------------------------------------------
 
 
-def _touch_scores(root: Path, relative: str, backbone: str) -> None:
+def _touch_model(root: Path, relative: str, backbone: str) -> None:
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    if relative.startswith("scores/"):
-        save_arrays(path, {"image_scores": np.zeros(1, np.float32)}, {"backbone": backbone})
-    else:
-        path.write_bytes(b"")
+    save_arrays(path, {"scorer.train_shape": np.zeros(4, np.int64)}, {"backbone": backbone})
 
 
-def test_list_runs_needs_scores_and_the_bank_to_fit_on(tmp_path):
+def test_list_runs_needs_a_fitted_model(tmp_path):
     assert demo.list_runs(tmp_path) == []
     for relative, backbone in [
-        ("scores/a-knn/weave.safetensors", "a"), ("featurebanks/a/weave.safetensors", "a"),
-        ("scores/a-knn/mesh.safetensors", "a"),  # no bank to fit on
-        ("scores/x-y-padim/washer.safetensors", "x-y"), ("featurebanks/x-y/washer.safetensors", "x-y"),
+        ("models/a-knn/weave.safetensors", "a"), ("scores/a-knn/mesh.safetensors", "a"),  # scores, no model
+        ("models/x-y-padim/washer.safetensors", "x-y"),
     ]:
-        _touch_scores(tmp_path, relative, backbone)
+        _touch_model(tmp_path, relative, backbone)
     assert demo.list_runs(tmp_path) == [demo.Run("a-knn", "a", "weave"), demo.Run("x-y-padim", "x-y", "washer")]
 
 
 def test_list_runs_serves_only_what_params_yaml_describes_in_its_order(tmp_path):
     # Outputs of a run and of a category since removed from params.yaml stay in the workspace.
-    for relative in [
-        "scores/a-knn/weave.safetensors", "scores/a-knn/mesh.safetensors", "featurebanks/a/weave.safetensors",
-        "featurebanks/a/mesh.safetensors", "scores/a-kmeans/weave.safetensors",
-    ]:
-        _touch_scores(tmp_path, relative, "a")
+    for relative in ["models/a-knn/weave.safetensors", "models/a-knn/mesh.safetensors", "models/a-kmeans/weave.safetensors"]:
+        _touch_model(tmp_path, relative, "a")
     params = {"pipeline": {"backbones": ["a"], "runs": {"a-knn": {"backbone": "a", "recipe": "knn"}}},
               "data": {"categories": ["weave"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -164,12 +121,12 @@ def test_fingerprint_changes_when_an_input_file_changes(project, tmp_path):
     assert demo.detector_fingerprint(copy, run) != before
 
 
-# --- uploads -------------------------------------------------------------------------------------
+# --- decoding uploaded and predicted files -------------------------------------------------------------------------------------
 
 
 def test_rgb_upload_decodes_unchanged():
     pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    decoded = demo.decode_upload(_png(Image.fromarray(pixels)), "a.png")
+    decoded = decode_image(_png(Image.fromarray(pixels)), "a.png")
     assert decoded.notes == () and decoded.image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(decoded.image), pixels)
 
@@ -184,7 +141,7 @@ def test_other_colour_modes_become_rgb_like_the_pipeline_with_a_note(mode, note)
     source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)).convert(mode)
     buffer = io.BytesIO()
     source.save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
-    decoded = demo.decode_upload(buffer.getvalue(), f"x.{mode}")
+    decoded = decode_image(buffer.getvalue(), f"x.{mode}")
     assert decoded.image.mode == "RGB" and decoded.image.size == (16, 12)
     assert len(decoded.notes) == 1 and note in decoded.notes[0]
     np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(source.convert("RGB")))
@@ -195,7 +152,7 @@ def test_exif_orientation_is_applied():
     exif[ExifTags.Base.Orientation] = 6  # rotate 90 degrees clockwise to display
     buffer = io.BytesIO()
     Image.new("RGB", (40, 20), (200, 10, 10)).save(buffer, format="JPEG", exif=exif)
-    decoded = demo.decode_upload(buffer.getvalue(), "photo.jpg")
+    decoded = decode_image(buffer.getvalue(), "photo.jpg")
     assert decoded.image.size == (20, 40) and "EXIF orientation" in decoded.notes[0]
 
 
@@ -214,8 +171,8 @@ def test_exif_orientation_is_applied():
 )
 def test_bad_uploads_raise_an_upload_error_naming_the_file(data, message):
     name = message.split(":")[0]
-    with pytest.raises(demo.UploadError, match=message.replace(".", r"\.")):
-        demo.decode_upload(data, name)
+    with pytest.raises(ImageError, match=message.replace(".", r"\.")):
+        decode_image(data, name)
 
 
 # --- threshold on training images only -------------------------------------------------------------
@@ -229,20 +186,20 @@ def _nearest_cosine_distances(queries: np.ndarray, bank: np.ndarray) -> np.ndarr
 
 def test_holdout_scores_score_each_training_image_without_it():
     train = np.random.default_rng(2).standard_normal((6, 2, 2, 4)).astype(np.float32)
-    indices, scores = demo.holdout_image_scores("knn", {"k": 1}, train, max_images=6, n_folds=6)
+    indices, scores = holdout_image_scores("knn", {"k": 1}, train, max_images=6, n_folds=6)
     np.testing.assert_array_equal(indices, np.arange(6))
     for index in range(6):
         others = np.delete(train, index, axis=0).reshape(-1, 4)
         expected = _nearest_cosine_distances(train[index].reshape(-1, 4), others).max()
         assert scores[index] == pytest.approx(expected, abs=1e-5)
-    fewer_indices, fewer_scores = demo.holdout_image_scores("knn", {"k": 1}, train, max_images=3, n_folds=2)
+    fewer_indices, fewer_scores = holdout_image_scores("knn", {"k": 1}, train, max_images=3, n_folds=2)
     assert len(fewer_indices) == 3 and fewer_indices[0] == 0 and fewer_indices[-1] == 5
     assert np.all(np.diff(fewer_indices) > 0) and np.isfinite(fewer_scores).all()
 
 
 def test_few_shot_holdout_uses_the_images_the_scorer_never_sees():
     train = np.random.default_rng(3).standard_normal((6, 2, 2, 4)).astype(np.float32)
-    indices, scores = demo.holdout_image_scores("knn", {"k": 1, "few_shot": 4, "seed": 3}, train)
+    indices, scores = holdout_image_scores("knn", {"k": 1, "few_shot": 4, "seed": 3}, train)
     seen = few_shot_indices(6, 4, seed=3)
     np.testing.assert_array_equal(indices, np.setdiff1d(np.arange(6), seen))
     fitted = make_scorer("knn", {"k": 1}).fit(train[seen])
@@ -250,83 +207,103 @@ def test_few_shot_holdout_uses_the_images_the_scorer_never_sees():
 
 
 def test_one_training_image_cannot_calibrate():
-    with pytest.raises(demo.DemoError, match="at least 2 are needed"):
-        demo.holdout_image_scores("knn", {}, np.ones((1, 2, 2, 4), dtype=np.float32))
+    with pytest.raises(ScoringError, match="at least 2 are needed"):
+        holdout_image_scores("knn", {}, np.ones((1, 2, 2, 4), dtype=np.float32))
 
 
-def test_threshold_ignores_test_features(project, knn_weave, tmp_path):
+def _bank_path(root: Path, category: str = "weave") -> Path:
+    return root / "featurebanks" / BACKBONE / f"{category}.safetensors"
+
+
+def test_score_stage_calibrates_the_threshold_on_training_features_only(project, knn_weave, tmp_path):
     copy = shutil.copytree(project, tmp_path / "copy")
-    bank_path = demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave").bank_path(copy)
-    bank = read_bank(bank_path)
+    bank = read_bank(_bank_path(copy))
     rng = np.random.default_rng(4)
     write_bank(
-        bank_path,
+        _bank_path(copy),
         train_embeddings=bank.train_embeddings, train_patches=bank.train_patches,
         test_embeddings=rng.standard_normal(bank.test_embeddings.shape).astype(np.float32),
         test_patches=rng.standard_normal(bank.test_patches.shape).astype(np.float32),
         train_samples=bank.train_samples, test_samples=bank.test_samples, info=bank.info,
     )
-    detector = demo.load_detector(copy, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
-    assert detector.threshold == knn_weave.threshold
-    np.testing.assert_array_equal(detector.holdout_scores, knn_weave.holdout_scores)
-    assert knn_weave.threshold == float(knn_weave.holdout_scores.max()) > 0
+    rescore(copy, "knn")
+    model = read_model(demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave").model_path(copy))
+    assert model.threshold == knn_weave.model.threshold
+    np.testing.assert_array_equal(model.holdout_scores, knn_weave.model.holdout_scores)
+    _, expected = holdout_image_scores("knn", model.scorer.get_params(), bank.train_patches)
+    np.testing.assert_array_equal(model.holdout_scores, expected)
+    assert model.threshold == float(expected.max()) > 0
+    assert model.holdout_files == tuple(sample.image_path for sample in bank.train_samples)
 
 
 # --- the detector reproduces the pipeline --------------------------------------------------------
+
+
+def _test_files(dataset: Path, samples) -> list:
+    return [(sample.image_path, (dataset / sample.image_path).read_bytes) for sample in samples]
 
 
 @pytest.mark.parametrize("method, category", [("knn", "weave"), ("mahalanobis", "mesh")])
 def test_detector_scores_test_images_as_the_pipeline_did(project, tiny_dataset, method, category):
     run = demo.Run(f"{BACKBONE}-{method}", BACKBONE, category)
     detector = demo.load_detector(project, run)
-    pipeline = read_category_scores(run.scores_path(project))
-    for index, sample in enumerate(pipeline.test_samples):
-        decoded = demo.decode_upload((tiny_dataset / sample.image_path).read_bytes(), sample.image_path)
-        result = detector.score(decoded.image)
-        assert result.score == pytest.approx(float(pipeline.image_scores[index]), rel=2e-3)
-        assert result.anomaly_map.shape == sample.original_size and result.notes == ()
+    pipeline = read_category_scores(project / "scores" / run.name / f"{category}.safetensors")
+    scored = list(detector.score_files(_test_files(tiny_dataset, pipeline.test_samples), batch_size=2))
+    np.testing.assert_allclose([item.result.score for item in scored], pipeline.image_scores, rtol=1e-6)
+    for index, (item, sample) in enumerate(zip(scored, pipeline.test_samples)):
+        assert item.result.notes == () and item.decoded.image.size[::-1] == sample.original_size
         expected_map = pipeline.anomaly_map(index, sample.original_size)
-        np.testing.assert_allclose(result.anomaly_map, expected_map, rtol=5e-3, atol=1e-5 * float(expected_map.max()))
-    assert detector.random_weights and detector.colour_scale[1] == float(pipeline.patch_scores.max())
+        np.testing.assert_allclose(detector.anomaly_map(item.result.patch_scores, sample.original_size), expected_map,
+                                   rtol=1e-6, atol=1e-6 * float(expected_map.max()))
+    assert detector.model.random_weights and detector.model.colour_scale[1] == float(pipeline.patch_scores.max())
 
 
 def test_a_size_unlike_the_training_images_gets_a_note(knn_weave, tiny_dataset):
     name, data = _test_image(tiny_dataset, "weave")
-    image = demo.decode_upload(data, name).image.resize((300, 200))
-    result = knn_weave.score(image)
-    assert result.anomaly_map.shape == (200, 300)
+    resized = decode_image(data, name).image.resize((300, 200))
+    decoded, result = demo.score_upload(knn_weave, _png(resized), name)
+    assert decoded.image.size == (300, 200)
     assert len(result.notes) == 1 and "300x200 px, the weave training images are 256x256" in result.notes[0]
-    with pytest.raises(ValueError, match="expected an RGB image"):
-        knn_weave.score(image.convert("L"))
 
 
-def test_an_image_that_cannot_be_scored_is_an_upload_error(knn_weave, tiny_dataset):
-    class NonFiniteFeatures:
+def test_an_image_that_cannot_be_scored_is_an_error_row_and_the_batch_goes_on(knn_weave, tiny_dataset):
+    class FailsOnTheFirstImage:
+        """Refuses every batch and then the first image alone, as features beyond the float16 range do."""
+
+        def __init__(self):
+            self.single_images = 0
+
         def image_scores(self, features, model_map=None):
-            raise ScoringError("test features contain 3 NaN/inf values")
+            self.single_images += len(features) == 1
+            if len(features) > 1 or self.single_images == 1:
+                raise ScoringError("test features contain 3 NaN/inf values")
+            return knn_weave.model.scorer.image_scores(features, model_map)
 
-    name, data = _test_image(tiny_dataset, "weave")
-    decoded, result = demo.score_upload(knn_weave, data, name)
-    assert result.score == knn_weave.score(decoded.image).score
-    with pytest.raises(demo.UploadError, match=f"{name}: cannot be scored .test features contain 3 NaN/inf"):
-        demo.score_upload(dataclasses.replace(knn_weave, scorer=NonFiniteFeatures()), data, name)
+    def broken() -> Detector:
+        return dataclasses.replace(knn_weave, model=dataclasses.replace(knn_weave.model, scorer=FailsOnTheFirstImage()))
+
+    files = [_test_image(tiny_dataset, "weave", index) for index in (0, 1)]
+    first, second = broken().score_files([(name, lambda data=data: data) for name, data in files])
+    assert first.result is None and first.error.startswith(f"{files[0][0]}: cannot be scored (test features contain 3")
+    _, expected = demo.score_upload(knn_weave, files[1][1], files[1][0])
+    assert second.error is None and second.result.score == expected.score
+    with pytest.raises(ImageError, match=f"{files[0][0]}: cannot be scored"):
+        demo.score_upload(broken(), files[0][1], files[0][0])
 
 
-def _copy_with_other_bank_weights(project: Path, destination: Path, run: demo.Run) -> Path:
-    """A copy of the project whose bank of ``run`` claims other weights than its scores."""
+def _copy_with_other_model_weights(project: Path, destination: Path, run: demo.Run) -> Path:
+    """A copy of the project whose model of ``run`` records another weights fingerprint."""
     copy = shutil.copytree(project, destination)
-    bank = read_bank(run.bank_path(copy))
-    info = dict(bank.info, weights_info=dict(bank.info["weights_info"], seed=7))
-    write_bank(run.bank_path(copy), train_embeddings=bank.train_embeddings, train_patches=bank.train_patches,
-               test_embeddings=bank.test_embeddings, test_patches=bank.test_patches,
-               train_samples=bank.train_samples, test_samples=bank.test_samples, info=info)
+    arrays, metadata = load_arrays(run.model_path(copy))
+    metadata["extractor"]["weights_info"]["fingerprint"] = "sha256:" + "0" * 64
+    save_arrays(run.model_path(copy), arrays, metadata)
     return copy
 
 
-def test_scores_from_other_weights_are_refused(project, tmp_path):
+def test_a_model_of_other_weights_is_refused(project, tmp_path):
     run = demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave")
-    copy = _copy_with_other_bank_weights(project, tmp_path / "copy", run)
-    with pytest.raises(demo.DemoError, match="come from different weights"):
+    copy = _copy_with_other_model_weights(project, tmp_path / "copy", run)
+    with pytest.raises(ModelError, match="fingerprint sha256:0{64}, but the weights loaded now .* have fingerprint sha256:"):
         demo.load_detector(copy, run)
 
 
@@ -337,23 +314,29 @@ def test_overlay_uses_the_pipeline_colours_and_shrinks_for_display():
     image = Image.new("RGB", (3000, 1500), (255, 255, 255))
     heat = np.zeros((1500, 3000), dtype=np.float32)
     heat[:, 1500:] = 10.0
-    overlay = demo.overlay_image(image, heat, (0.0, 10.0), max_side=300)
+    overlay = overlay_image(image, heat, (0.0, 10.0), max_side=300)
     assert overlay.shape == (150, 300, 3) and overlay.dtype == np.uint8
     # White (255) half-covered by jet's ends as 8-bit colours: dark blue (0, 0, 127), dark red (127, 0, 0).
     np.testing.assert_array_equal(overlay[75, 10], [128, 128, 191])
     np.testing.assert_array_equal(overlay[75, 290], [191, 128, 128])
+    assert overlay_image(image, heat, (0.0, 10.0)).shape == (1500, 3000, 3)
     with pytest.raises(ValueError, match="does not match the image"):
-        demo.overlay_image(image, heat[:10], (0.0, 1.0))
+        overlay_image(image, heat[:10], (0.0, 1.0))
 
 
-def test_results_csv_has_one_row_per_file_with_the_decision(knn_weave):
-    rows = [demo.BatchRow("a.png", 256, 256, 0.5, ""), demo.BatchRow("b.png", 256, 256, 0.1, "grayscale"),
-            demo.BatchRow("c.txt", None, None, None, "c.txt: not an image")]
-    records = list(csv.DictReader(io.StringIO(demo.results_csv(rows, 0.2, knn_weave))))
-    assert [record["file"] for record in records] == ["a.png", "b.png", "c.txt"]
-    assert [record["decision"] for record in records] == ["anomalous", "normal", "error"]
-    assert records[0]["anomaly_score"] == "0.5" and records[2]["anomaly_score"] == ""
-    assert records[1]["category"] == "weave" and records[1]["weights"] == "random" and records[1]["threshold"] == "0.2"
+def test_results_csv_has_one_row_per_file_with_the_decision(knn_weave, tiny_dataset):
+    files = [_test_image(tiny_dataset, "weave", index) for index in (0, 1)] + [("c.txt", b"not an image")]
+    scored = list(knn_weave.score_files([(name, lambda data=data: data) for name, data in files]))
+    threshold = (scored[0].result.score + scored[1].result.score) / 2
+    records = list(csv.DictReader(io.StringIO(results_csv(scored, threshold, knn_weave.model))))
+    assert [record["file"] for record in records] == [name for name, _ in files]
+    low, high = sorted(range(2), key=lambda index: scored[index].result.score)
+    assert records[high]["decision"] == "anomalous" and records[low]["decision"] == "normal"
+    assert records[2]["decision"] == "error" and records[2]["anomaly_score"] == ""
+    assert records[2]["message"] == "c.txt: not an image (no image format recognised; use a PNG, JPEG, BMP or TIFF)"
+    assert float(records[0]["anomaly_score"]) == scored[0].result.score and records[0]["width"] == "256"
+    assert records[1]["category"] == "weave" and records[1]["weights"] == "random"
+    assert float(records[1]["threshold"]) == threshold
 
 
 # --- the Streamlit page ---------------------------------------------------------------------------
@@ -389,12 +372,12 @@ def test_page_with_invalid_params_names_the_parameter(project, tmp_path, monkeyp
 
 def test_page_with_stale_outputs_says_so(project, tmp_path, monkeypatch):
     # The page opens on the first category and run of params.yaml: weave, knn.
-    copy = _copy_with_other_bank_weights(project, tmp_path / "copy", demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
+    copy = _copy_with_other_model_weights(project, tmp_path / "copy", demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
     monkeypatch.setenv(demo.PROJECT_ENV, str(copy))
     page = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S).run()
     assert not page.exception and len(page.error) == 1
     assert page.error[0].value.startswith(f"Cannot serve {BACKBONE}-knn · weave:")
-    assert "come from different weights" in page.error[0].value and not page.file_uploader
+    assert "fingerprint" in page.error[0].value and not page.file_uploader
 
 
 def test_page_offers_what_the_pipeline_produced(app):
@@ -407,11 +390,11 @@ def test_single_upload_shows_score_decision_and_follows_the_slider(app, project,
     app.selectbox[0].select("weave").run()
     detector = demo.load_detector(project, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
     slider = app.slider[0]
-    assert slider.value == pytest.approx(detector.threshold)
+    assert slider.value == pytest.approx(detector.model.threshold)
     name, data = _test_image(tiny_dataset, "weave", index=-1)
     app.file_uploader[0].upload(name, data, "image/png").run()
     assert not app.exception and not app.error
-    expected = detector.score(demo.decode_upload(data, name).image).score
+    expected = demo.score_upload(detector, data, name)[1].score
     assert app.metric[0].label == "Anomaly score" and app.metric[0].value == demo.format_score(expected)
     app.slider[0].set_value(0.0).run()
     assert any(":red[Anomalous]" in block.value for block in app.markdown)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from test_demo import APP, BACKBONE, build_project
+from test_demo import APP
+from tiny_project import BACKBONE, build_project
 from vitad import demo
 from vitad.data import index_category, split_samples
 
@@ -128,7 +129,7 @@ def test_upload_in_chromium_shows_the_score_of_the_pipeline(server, browser, tin
     detector = demo.load_detector(project, demo.Run(f"{BACKBONE}-knn", BACKBONE, "weave"))
     sample = next(s for s in split_samples(index_category(tiny_dataset, "weave"), "test") if s.is_anomalous)
     image_path = tiny_dataset / sample.image_path
-    expected = detector.score(demo.decode_upload(image_path.read_bytes(), image_path.name).image)
+    _, expected = demo.score_upload(detector, image_path.read_bytes(), image_path.name)
     not_an_image = tmp_path / "readme.txt"
     not_an_image.write_text("this is not an image")
 
@@ -140,7 +141,7 @@ def test_upload_in_chromium_shows_the_score_of_the_pipeline(server, browser, tin
     _upload(browser, image_path)
     shown = wait.until(lambda d: [text for text in _texts(d, '[data-testid="stMetricValue"]') if text])
     assert shown == [demo.format_score(expected.score)]
-    decision = "Anomalous" if expected.is_anomalous(detector.threshold) else "Normal"
+    decision = "Anomalous" if expected.is_anomalous(detector.model.threshold) else "Normal"
     wait.until(lambda d: decision in d.find_element(By.TAG_NAME, "body").text)
     assert not _texts(browser, '[data-testid="stException"]')
     assert not any("not an image" in text for text in _texts(browser, '[data-testid="stAlert"]'))

@@ -40,7 +40,8 @@ def _metrics(root: Path, weights: str, runs: tuple[str, ...]) -> dict[str, dict]
                             "--out", str(root / "banks" / "weave.safetensors"), *common])
     results = {}
     for run in runs:
-        _stage("score").main(["--run", run, "--featurebanks", str(root / "banks"), "--out", str(root / "scores" / run), *common])
+        _stage("score").main(["--run", run, "--featurebanks", str(root / "banks"), "--out", str(root / "scores" / run),
+                              "--models", str(root / "models" / run), *common])
         metrics_path = root / "metrics" / f"{run}.json"
         _stage("evaluate").main(["--scores", str(root / "scores" / run), "--data", str(root / "data"),
                                  "--metrics", str(metrics_path), "--plots", str(root / "plots" / run), *common])

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from vitad.backbones import build_extractor
+from vitad.backbones.base import weights_fingerprint
 from vitad.data import ImageDataset, Sample, index_category, split_samples
 from vitad import featurebank
 from vitad.featurebank import (
@@ -172,7 +173,9 @@ def test_extract_split_casts_patches_to_the_storage_dtype(tiny_dataset, extracto
 
 def test_bank_info_records_the_weights(extractor):
     info = bank_info("dinov2_vitb14", "mesh", TINY_DINOV2, "random", extractor, "float16")
-    assert info["weights_info"] == {"mode": "random", "seed": 0, "source": "random initialisation"}
+    assert info["weights_info"] == {
+        "mode": "random", "seed": 0, "source": "random initialisation", "fingerprint": weights_fingerprint(extractor.model),
+    }
     assert info["grid_size"] == [3, 3] and info["image_size"] == 42 and info["config"] == TINY_DINOV2
 
 

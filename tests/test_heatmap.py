@@ -13,14 +13,13 @@ from scipy.ndimage import gaussian_filter
 from vitad.data import Sample, index_category, sample_mask
 from vitad.figures import (
     FigureSettings,
-    colour_scale,
     figure_name,
     figure_title,
     render_comparison,
     render_triplet,
     select_examples,
 )
-from vitad.heatmap import anomaly_map
+from vitad.heatmap import anomaly_map, colour_scale
 from vitad.scorefile import ScoresError, read_category_scores, weights_are_random
 from vitad.io import save_arrays
 from vitad.params import ParamsError

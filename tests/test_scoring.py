@@ -12,6 +12,7 @@ from vitad.data import Sample
 from vitad.featurebank import read_bank, write_bank
 from vitad.heatmap import anomaly_map
 from vitad.io import load_arrays
+from vitad.model import read_model
 from vitad.params import ParamsError
 from vitad.scoring import (
     SCORERS,
@@ -416,7 +417,7 @@ def _run_stage(tmp_path, section, categories=("weave", "mesh"), method="knn"):
     params_path.write_text(yaml.safe_dump(params))
     stage.main([
         "--run", f"tiny-{method}", "--featurebanks", str(tmp_path / "banks"),
-        "--out", str(tmp_path / "scores"), "--params", str(params_path),
+        "--out", str(tmp_path / "scores"), "--models", str(tmp_path / "models"), "--params", str(params_path),
     ])
 
 
@@ -442,9 +443,15 @@ def test_score_stage_writes_scores_with_metadata(tmp_path, capsys):
     assert metadata["weights"] == {"mode": "random", "seed": 0} and metadata["grid"] == [3, 3]
     assert [Sample.from_dict(s).defect for s in metadata["test_samples"]] == ["good", "crack", "good"]
     assert "weave: fit" in capsys.readouterr().out
-    first = (tmp_path / "scores" / "weave.safetensors").read_bytes()
+    model = read_model(tmp_path / "models" / "weave.safetensors")
+    assert (model.run, model.category, model.scorer.get_params()) == ("tiny-knn", "weave", metadata["params"])
+    assert model.extractor["weights_info"] == metadata["weights"] and model.extractor["patch_dim"] == 16
+    assert model.threshold == float(model.holdout_scores.max()) and len(model.holdout_scores) == 6
+    _, expected_patch_scores = model.image_scores(read_bank(tmp_path / "banks" / "weave.safetensors").test_patches)
+    np.testing.assert_array_equal(expected_patch_scores, arrays["patch_scores"])
+    first = [(tmp_path / folder / "weave.safetensors").read_bytes() for folder in ("scores", "models")]
     _run_stage(tmp_path, {"k": 1, "aggregate": "max", "coreset_ratio": 0.5, "few_shot": None})
-    assert (tmp_path / "scores" / "weave.safetensors").read_bytes() == first  # deterministic
+    assert [(tmp_path / folder / "weave.safetensors").read_bytes() for folder in ("scores", "models")] == first  # deterministic
 
 
 def test_score_stage_errors_name_the_bank_or_key(tmp_path):

@@ -6,10 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from vitad.data import Sample, load_rgb, sample_mask
+from vitad.heatmap import colour_scale
 from vitad.io import atomic_path
 from vitad.params import ParamsError, param, positive_int
 from vitad.scorefile import CategoryScores, ScoresError
@@ -63,21 +66,24 @@ def select_examples(samples: list[Sample], examples_per_defect: int, good_exampl
     return chosen
 
 
-def colour_scale(patch_scores: np.ndarray) -> tuple[float, float]:
-    """Fixed colour range (vmin, vmax) for every heatmap of one (backbone, method, category).
-
-    vmin / vmax are the minimum / maximum patch score over ALL test images of the category, so a
-    good image and a defective one are drawn on the same scale. Bilinear upsampling and Gaussian
-    blurring are weighted averages with non-negative weights, so no anomaly map leaves this range
-    and it is computed from the patch grids without upsampling every test image. A constant score
-    grid gets a range widened by a relative 1e-6 so that the colour mapping stays defined.
-    """
-    if patch_scores.size == 0 or not np.isfinite(patch_scores).all():
-        raise ValueError("patch_scores must be a non-empty array of finite values")
-    vmin, vmax = float(patch_scores.min()), float(patch_scores.max())
-    if vmax <= vmin:
-        vmax = vmin + 1e-6 * max(abs(vmin), 1.0)
-    return vmin, vmax
+def overlay_image(
+    image: Image.Image, anomaly_map: np.ndarray, scale: tuple[float, float], max_side: int | None = None
+) -> np.ndarray:
+    """uint8 [h, w, 3]: the RGB ``image`` with its ``anomaly_map`` [H, W] on top, coloured as the
+    heatmap figures (colour map, opacity and ``scale`` = (vmin, vmax)); shrunk to at most
+    ``max_side`` pixels per side when given (the map resized bilinearly with it)."""
+    if anomaly_map.shape != (image.height, image.width):
+        raise ValueError(f"anomaly map {anomaly_map.shape} does not match the image {image.height}x{image.width}")
+    shown = image.convert("RGB")
+    if max_side is not None:
+        shown.thumbnail((max_side, max_side), Image.BILINEAR)
+    heat = Image.fromarray(np.ascontiguousarray(anomaly_map, dtype=np.float32), mode="F")
+    heat = np.asarray(heat.resize(shown.size, Image.BILINEAR))  # [h, w]
+    vmin, vmax = scale
+    normalised = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    colours = colormaps[OVERLAY_CMAP](normalised, bytes=True)[..., :3].astype(np.float32)  # [h, w, 3]
+    blended = (1.0 - OVERLAY_ALPHA) * np.asarray(shown, dtype=np.float32) + OVERLAY_ALPHA * colours
+    return blended.round().astype(np.uint8)
 
 
 def figure_name(sample: Sample) -> str:

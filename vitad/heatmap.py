@@ -74,3 +74,20 @@ def anomaly_map(
         model_height, model_width = (model_size, model_size) if np.isscalar(model_size) else model_size
         full = gaussian_filter(full, sigma=(sigma * height / model_height, sigma * width / model_width), mode="mirror")
     return full
+
+
+def colour_scale(patch_scores: np.ndarray) -> tuple[float, float]:
+    """Fixed colour range (vmin, vmax) for every heatmap of one (backbone, method, category).
+
+    vmin / vmax are the minimum / maximum patch score over ALL test images of the category, so a
+    good image and a defective one are drawn on the same scale. Bilinear upsampling and Gaussian
+    blurring are weighted averages with non-negative weights, so no anomaly map leaves this range
+    and it is computed from the patch grids without upsampling every test image. A constant score
+    grid gets a range widened by a relative 1e-6 so that the colour mapping stays defined.
+    """
+    if patch_scores.size == 0 or not np.isfinite(patch_scores).all():
+        raise ValueError("patch_scores must be a non-empty array of finite values")
+    vmin, vmax = float(patch_scores.min()), float(patch_scores.max())
+    if vmax <= vmin:
+        vmax = vmin + 1e-6 * max(abs(vmin), 1.0)
+    return vmin, vmax

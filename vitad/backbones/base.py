@@ -32,6 +32,22 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """``sha256:<hex>`` of the model's weights as loaded: every state_dict tensor's name, dtype,
+    shape and bytes, in name order (independent of memory layout such as channels_last).
+
+    Equal fingerprints mean the same weights bit for bit: loaded pretrained weights give the same
+    fingerprint on every machine; seeded random initialisation gives it wherever torch draws the
+    same random numbers (the same torch version; its vectorised samplers may differ in the last
+    bit between CPU kinds, and then the fingerprint says so)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return f"sha256:{digest.hexdigest()}"
+
+
 class FeatureExtractor:
     """A frozen model plus the post-processing that turns its outputs into features.
 
@@ -52,12 +68,12 @@ class FeatureExtractor:
         weights_info: dict,
         device: torch.device,
     ):
+        self.weights_info = {**weights_info, "fingerprint": weights_fingerprint(model)}
         self.model = model.eval().requires_grad_(False).to(device)
         self.image_size = image_size
         self.grid_size = grid_size
         self.embedding_dim = embedding_dim
         self.patch_dim = patch_dim
-        self.weights_info = weights_info
         self.device = device
         if device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

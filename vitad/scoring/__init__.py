@@ -23,7 +23,7 @@ from vitad.scoring.knn import KNNScorer
 
 __all__ = [
     "AGGREGATIONS", "SCORERS", "BankScores", "KMeansScorer", "KNNScorer", "MahalanobisScorer", "Scorer",
-    "ScoringError", "aggregate_image_scores", "few_shot_indices", "make_scorer", "score_bank",
+    "ScoringError", "aggregate_image_scores", "few_shot_indices", "make_scorer", "restore_scorer", "score_bank",
 ]
 
 SCORERS: dict[str, type[Scorer]] = {"knn": KNNScorer, "mahalanobis": MahalanobisScorer, "kmeans": KMeansScorer}
@@ -52,6 +52,14 @@ def make_scorer(method: str, params: dict | None, where: str | None = None) -> S
         raise ParamsError(f"{where}: {error}") from error
 
 
+def restore_scorer(method: str, params: dict, state: dict[str, np.ndarray]) -> Scorer:
+    """The fitted scorer of ``method`` that :meth:`Scorer.fitted_state` saved as ``state``, built
+    with its saved ``params`` (:meth:`Scorer.get_params`)."""
+    if method not in SCORERS:
+        raise ScoringError(f"unknown scoring method {method!r} (known: {', '.join(SCORERS)})")
+    return SCORERS[method].restored(params, state)
+
+
 def embedding_route_params(method: str, patch_params: dict, overrides: dict | None) -> dict:
     """Settings of the image-embedding route: the patch route's settings without those that only
     mean something for patch grids (:attr:`Scorer.patch_only_params`), then ``overrides``."""
@@ -68,6 +76,7 @@ class BankScores:
     embedding_scores: np.ndarray  # [M] float32, from the image embeddings (global route)
     params: dict  # the patch route's scorer parameters, defaults filled in
     embedding_params: dict  # the image-embedding route's, defaults filled in
+    patch_scorer: Scorer  # the fitted patch-route scorer (what a fitted model saves)
     fit_seconds: float
     score_seconds: float
 
@@ -106,6 +115,7 @@ def score_bank(
         embedding_scores=embedding_scores,
         params=patch_scorer.get_params(),
         embedding_params=embedding_scorer.get_params(),
+        patch_scorer=patch_scorer,
         fit_seconds=fit_seconds,
         score_seconds=score_seconds,
     )

@@ -171,6 +171,21 @@ class Scorer:
         self._fit(train)
         return self
 
+    def fitted_state(self) -> dict[str, np.ndarray]:
+        """What the fitted scorer needs to score new features, as named arrays (a fitted model's
+        file, :mod:`vitad.model`): :meth:`restored` rebuilds a scorer that scores exactly as this one."""
+        if not hasattr(self, "train_shape_"):
+            raise RuntimeError(f"{type(self).__name__} used before fit")
+        return {"train_shape": np.array(self.train_shape_, dtype=np.int64), **self._state()}
+
+    @classmethod
+    def restored(cls, params: dict, state: dict[str, np.ndarray]) -> "Scorer":
+        """The fitted scorer of :meth:`fitted_state`, without the training features."""
+        scorer = cls(**params)
+        scorer.train_shape_ = tuple(int(size) for size in state["train_shape"])
+        scorer._restore(state)
+        return scorer
+
     def _checked_test(self, test: np.ndarray) -> np.ndarray:
         if not hasattr(self, "train_shape_"):
             raise RuntimeError(f"{type(self).__name__} used before fit")
@@ -208,4 +223,10 @@ class Scorer:
         raise NotImplementedError
 
     def _score(self, test: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
         raise NotImplementedError

@@ -4,6 +4,7 @@ patch position (PaDiM), fitted and evaluated batched in float64."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -248,6 +249,33 @@ class MahalanobisScorer(Scorer):
             self.pca_.fit(kept.reshape(-1, kept.shape[-1]).astype(np.float64))
         samples = _float64_tensor(self._by_gaussian(self._reduced(train)))  # [P, n, d]
         self.gaussians_ = _fit_gaussians(samples, self.shrinkage, self.epsilon, self.ddof)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        state = {
+            f"gaussians.{field.name}": getattr(self.gaussians_, field.name).numpy()
+            for field in dataclasses.fields(self.gaussians_)
+            if getattr(self.gaussians_, field.name) is not None
+        }
+        if self.dimensions_ is not None:
+            state["dimensions"] = self.dimensions_
+        if self.pca_ is not None:
+            state.update({"pca.components": self.pca_.components_, "pca.mean": self.pca_.mean_})
+        return state
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        import torch
+        self.dimensions_ = state.get("dimensions")
+        self.pca_ = None
+        if "pca.components" in state:
+            from sklearn.decomposition import PCA
+            # The attributes PCA.transform reads (no whitening), as fit leaves them.
+            self.pca_ = PCA(n_components=self.pca_dims, svd_solver="covariance_eigh")
+            self.pca_.components_, self.pca_.mean_ = state["pca.components"], state["pca.mean"]
+            self.pca_.n_components_, self.pca_.n_features_in_ = state["pca.components"].shape
+        self.gaussians_ = _Gaussians(**{
+            field.name: torch.from_numpy(state[f"gaussians.{field.name}"]) if f"gaussians.{field.name}" in state else None
+            for field in dataclasses.fields(_Gaussians)
+        })
 
     def _score(self, test: np.ndarray) -> np.ndarray:
         if test.ndim == 4 and self.per_position and test.shape[1:3] != self.train_shape_[1:3]:

@@ -25,6 +25,16 @@ class KMeansScorer(Scorer):
             raise ScoringError(f"{len(bank)} training vectors but score.kmeans.n_clusters = {self.n_clusters}")
         self.kmeans_ = KMeans(n_clusters=self.n_clusters, n_init=1, random_state=self.seed).fit(bank)
 
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"cluster_centers": self.kmeans_.cluster_centers_}
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        from sklearn.cluster import KMeans
+        # The attributes KMeans.transform reads, as fit leaves them.
+        self.kmeans_ = KMeans(n_clusters=self.n_clusters, n_init=1, random_state=self.seed)
+        self.kmeans_.cluster_centers_ = state["cluster_centers"]
+        self.kmeans_.n_features_in_ = state["cluster_centers"].shape[1]
+
     def _score(self, test: np.ndarray) -> np.ndarray:
         distances = self.kmeans_.transform(test.reshape(-1, test.shape[-1]))  # [M (* h * w), n_clusters]
         return distances.min(axis=1).reshape(test.shape[:-1])

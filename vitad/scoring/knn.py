@@ -113,12 +113,23 @@ class KNNScorer(Scorer):
                 f"{len(bank)} training vectors{' after the coreset' if reduced else ''} but score.knn.k = {self.k}: "
                 "lower k" + (" or raise score.knn.coreset_ratio" if reduced else "")
             )
+        self._index(bank)
+
+    def _index(self, bank: np.ndarray) -> None:
         index = faiss.IndexFlatIP(bank.shape[1]) if self.metric == "cosine" else faiss.IndexFlatL2(bank.shape[1])
         if faiss.get_num_gpus() > 0:
             index = faiss.index_cpu_to_all_gpus(index)
         index.add(bank)
         self.index_ = index
         self.memory_bank_ = bank  # [bank size, D'], what the index holds (for reweighting)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        pooling = {} if self.pooling_ is None else {"pooling": self.pooling_}
+        return {"memory_bank": self.memory_bank_, **pooling}
+
+    def _restore(self, state: dict[str, np.ndarray]) -> None:
+        self.pooling_ = state.get("pooling")
+        self._index(np.ascontiguousarray(state["memory_bank"], dtype=np.float32))
 
     def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances [n, k] in the metric, bank indices [n, k]) of the k nearest bank vectors."""
