@@ -33,7 +33,7 @@ demo: setup
 
 # `dvc exp show`, narrow: params that differ, then one line per run whose metrics differ.
 exps: setup
-	$(BIN)/python -m vitad.experiments $(ARGS)
+	$(BIN)/vitad exps $(ARGS)
 
 benchmarks: setup
 	$(BIN)/python benchmarks/extract.py

@@ -244,7 +244,7 @@ def test_experiment_sweeps_read_as_one_narrow_table(project):
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True)
     for k in (2, 3):
         _dvc(project, "exp", "run", "-S", f"++pipeline.runs.resnet50-knn.k={k}")  # ++: add or override
-    shown = subprocess.run([sys.executable, "-m", "vitad.experiments"], cwd=project, capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run([sys.executable, "-m", "vitad", "exps"], cwd=project, capture_output=True, text=True, check=True).stdout
     lines = shown.splitlines()
     assert max(map(len, lines)) <= 120, shown
     assert lines[0].split()[:2] == ["experiment", "pipeline.runs.resnet50-knn.k"], shown

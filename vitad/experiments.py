@@ -107,6 +107,7 @@ def render(experiments: Sequence[Experiment], all_runs: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        prog="vitad exps",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other arguments go to `dvc exp show` (e.g. -A, -n 3, --rev main).",
     )
