@@ -124,4 +124,4 @@ def test_the_vitad_command_is_installed_and_runs_as_python_m_vitad():
     # Without a command it prints its usage before importing torch (no model is loaded here).
     result = subprocess.run([sys.executable, "-m", "vitad"], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 2 and "usage: vitad {predict}" in result.stderr
+    assert result.returncode == 2 and "usage: vitad {predict,exps}" in result.stderr
