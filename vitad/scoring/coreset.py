@@ -85,6 +85,7 @@ def greedy_coreset(
     projection_dim: int = 128,
     unit_rows: bool = False,
     device: str = "cpu",
+    start: int | None = None,
 ) -> np.ndarray:
     """Indices (int64, in selection order) of PatchCore's greedy k-center coreset of ``vectors``.
 
@@ -96,6 +97,8 @@ def greedy_coreset(
     already-selected vector. The prefix of the returned order is itself a greedy coreset of that
     size. ``unit_rows``: select among the L2-normalised vectors (the cosine metric's space)
     without copying the bank. ``device``: ``cuda`` runs the selection on the GPU (torch).
+    ``start``: the first centre instead of the seeded draw (to compare with another
+    implementation's draw).
     """
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise ValueError(f"greedy_coreset needs a non-empty 2-D array [N, D], got shape {vectors.shape}")
@@ -110,7 +113,10 @@ def greedy_coreset(
     if ratio == 1.0:
         return np.arange(n_vectors, dtype=np.int64)
     n_select = coreset_size(n_vectors, ratio)
-    start = int(np.random.default_rng(seed).integers(n_vectors))
+    if start is None:
+        start = int(np.random.default_rng(seed).integers(n_vectors))
+    elif not 0 <= start < n_vectors:
+        raise ValueError(f"coreset start {start} is not an index of the {n_vectors} vectors")
     if device_type(device) == "cuda":
         return _greedy_k_center_torch(projected, n_select, start, device)
     # The loop multiplies cache-sized blocks: one BLAS thread per product is about 3x faster
