@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import functools
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError as error:  # faiss comes from an extra: the CPU or the GPU build
+    raise ImportError(
+        "vitad's kNN scoring needs faiss: pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' (faiss-gpu-cu12) on a "
+        "CUDA machine"
+    ) from error
 from scipy.special import softmax
 
 from vitad.scoring.base import ScoringError, Scorer, bad_param, choice_param, float_param, int_param
