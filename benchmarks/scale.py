@@ -12,10 +12,12 @@ RSS is its own:
 - coreset: vitad's greedy coreset and anomalib's ``KCenterGreedy`` on the same projected vectors
   (a sample of the WRN50 bank both can handle), through anomalib's own venv.
 
-Each stage prints wall time, CPU time, peak RSS against the memory bound (2 x the largest array
-the stage must hold + 1 GB), the bank size on disk, and the physical bound it is compared with,
-measured in the same process: a bare forward pass for extraction, a plain faiss search of the same
-shape for kNN scoring, one pass over the training bank for coreset and Gaussian fits.
+Each stage prints wall time, CPU time, the peak RSS of its process against the memory bound
+(2 x the largest array the stage must hold + 1 GB), the bank size on disk, and the physical bound
+it is compared with, measured in the same process: a bare forward pass for extraction, a plain
+faiss search of the same shape for kNN scoring, one pass over the training bank for coreset and
+Gaussian fits. Ratios come from wall and from CPU time: on a shared machine the CPU-time ratio is
+the steadier one.
 
     python benchmarks/scale.py [--configs wrn50-patchcore wrn50-padim ...] [--train 400 --test 150]
                                [--image-size 1024] [--device cpu] [--coreset-sample 40960]
@@ -105,46 +107,64 @@ def stage_extract(args) -> dict:
                                          batch_size=args.batch_size, collate_fn=collate)
     batches = [extractor.prepare(images) for images, _ in loader]
     extractor.bare_forward(batches[0])
-    start = time.perf_counter()
-    for pixels in batches[1:]:
-        extractor.bare_forward(pixels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    bare_seconds = (time.perf_counter() - start) / (len(batches) - 1) / args.batch_size * len(samples)
+
+    def bare() -> None:
+        for pixels in batches[1:]:
+            extractor.bare_forward(pixels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    per_image = 1.0 / ((len(batches) - 1) * args.batch_size)
+    bare_seconds, bare_cpu = (value * per_image * len(samples) for value in _timed(bare))
     del batches, loader
-    start, cpu = time.perf_counter(), _cpu_seconds()
-    bank = extract_category(extractor, args.root, samples, args.batch_size, patch_dtype="float16", progress=False)
     out = Path(args.out)
-    write_bank(out, **bank, info=bank_info(args.backbone, CATEGORY, config, "random", extractor, "float16"))
-    seconds = time.perf_counter() - start
+    extracted = {}
+
+    def extract_and_write() -> None:
+        bank = extracted.setdefault("bank", extract_category(
+            extractor, args.root, samples, args.batch_size, patch_dtype="float16", progress=False))
+        write_bank(out, **bank, info=bank_info(args.backbone, CATEGORY, config, "random", extractor, "float16"))
+
+    seconds, cpu_seconds = _timed(extract_and_write)
+    bank = extracted["bank"]
     largest = bank["train_patches"].nbytes + bank["test_patches"].nbytes  # one float16 array, as extracted
-    return {"stage": f"extract {args.backbone} {args.size}px", "seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu,
-            "bound_seconds": bare_seconds, "bound": "bare forward", "peak_rss": _peak_rss_bytes(),
+    return {"stage": f"extract {args.backbone} {args.size}px", "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "bound_seconds": bare_seconds, "bound_cpu_seconds": bare_cpu, "bound": "bare forward",
+            "peak_rss": _peak_rss_bytes(),
             "largest_array": largest, "bank_bytes": out.stat().st_size,
             "note": f"{len(samples)} images, grid {extractor.grid_size[0]}x{extractor.grid_size[1]}, "
                     f"dim {extractor.patch_dim}, {device.type}"}
 
 
-def _one_pass_seconds(array: np.ndarray) -> float:
-    """Seconds of one pass over ``array`` (a chunked sum: reading every element once)."""
+def _timed(run) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of run(); CPU time is less sensitive to other processes
+    competing for the cores, so ratios are given from both."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    run()
+    return time.perf_counter() - wall, _cpu_seconds() - cpu
+
+
+def _one_pass(array: np.ndarray) -> tuple[float, float]:
+    """(wall, CPU) seconds of one pass over ``array`` (a chunked sum: every element read once)."""
     flat = array.reshape(-1, array.shape[-1])
-    start = time.perf_counter()
-    for first in range(0, len(flat), 1 << 14):
-        flat[first : first + (1 << 14)].sum(axis=0, dtype=np.float64)
-    return time.perf_counter() - start
+
+    def read_all() -> None:
+        for first in range(0, len(flat), 1 << 14):
+            flat[first : first + (1 << 14)].sum(axis=0, dtype=np.float64)
+
+    return _timed(read_all)
 
 
-def _plain_search_seconds(n_queries: int, bank_size: int, dims: int, fraction: int = 8) -> float:
-    """Seconds of a plain faiss exact search (k = 1) of random vectors of the given shape, timed
-    on 1/``fraction`` of the queries (the search is linear in them) and scaled up."""
+def _plain_search(n_queries: int, bank_size: int, dims: int, fraction: int = 4) -> tuple[float, float]:
+    """(wall, CPU) seconds of a plain faiss exact search (k = 1) of random vectors of the given
+    shape, timed on 1/``fraction`` of the queries (the search is linear in them) and scaled up."""
     import faiss
 
     rng = np.random.default_rng(0)
     queries = rng.standard_normal((max(1, n_queries // fraction), dims), dtype=np.float32)
     bank = rng.standard_normal((bank_size, dims), dtype=np.float32)
-    start = time.perf_counter()
-    faiss.knn(queries, bank, 1)
-    return (time.perf_counter() - start) * n_queries / len(queries)
+    wall, cpu = _timed(lambda: faiss.knn(queries, bank, 1))
+    return wall * n_queries / len(queries), cpu * n_queries / len(queries)
 
 
 def stage_score(args) -> dict:
@@ -156,43 +176,41 @@ def stage_score(args) -> dict:
 
     _, _, method, settings = CONFIGS[args.config]
     device = resolve_compute_device(args.device, "--device")
-    start, cpu = time.perf_counter(), _cpu_seconds()
-    bank = read_bank(args.bank)
-    read_seconds = time.perf_counter() - start
+    loaded = {}
+    read_seconds, read_cpu = _timed(lambda: loaded.setdefault("bank", read_bank(args.bank)))
+    bank = loaded["bank"]
     scorer = make_scorer(method, settings).to(device)
-    start = time.perf_counter()
-    scorer.fit(bank.train_patches)
-    fit_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    scorer.image_scores(bank.test_patches)
-    score_seconds = time.perf_counter() - start
+    fit_seconds, fit_cpu = _timed(lambda: scorer.fit(bank.train_patches))
+    score_seconds, score_cpu = _timed(lambda: scorer.image_scores(bank.test_patches))
     embedding_scorer = make_scorer(method, {k: v for k, v in settings.items()
                                             if k not in type(scorer).patch_only_params}).to(device)
     embedding_scorer.fit(bank.train_embeddings).score_samples(bank.test_embeddings)
-    cpu_seconds = _cpu_seconds() - cpu
     peak = _peak_rss_bytes()
-    one_pass = _one_pass_seconds(bank.train_patches)
-    rows = [{"stage": f"read bank {args.config}", "seconds": read_seconds, "bound_seconds": None, "bound": "",
-             "note": "float16 -> float32 in chunks"}]
+    one_pass, one_pass_cpu = _one_pass(bank.train_patches)
+    rows = [{"stage": f"read bank {args.config}", "seconds": read_seconds, "cpu_seconds": read_cpu,
+             "bound_seconds": None, "bound": "", "note": "float16 -> float32 in chunks"}]
     n_train_vectors = int(np.prod(bank.train_patches.shape[:-1]))
     dims = bank.train_patches.shape[-1]
     if method == "knn":
         bank_size = len(scorer.memory_bank_)
         rows.append({"stage": f"fit {args.config}" + (" (coreset)" if settings["coreset_ratio"] < 1 else ""),
-                     "seconds": fit_seconds, "bound_seconds": one_pass, "bound": "one pass over the bank",
+                     "seconds": fit_seconds, "cpu_seconds": fit_cpu, "bound_seconds": one_pass,
+                     "bound_cpu_seconds": one_pass_cpu, "bound": "one pass over the bank",
                      "note": f"{n_train_vectors} x {dims} -> {bank_size}"})
         n_queries = int(np.prod(bank.test_patches.shape[:-1]))
-        plain = _plain_search_seconds(n_queries, bank_size, scorer.memory_bank_.shape[1])
-        rows.append({"stage": f"score {args.config}", "seconds": score_seconds, "bound_seconds": plain,
-                     "bound": "plain faiss search", "note": f"{n_queries} queries x {bank_size}"})
+        plain, plain_cpu = _plain_search(n_queries, bank_size, scorer.memory_bank_.shape[1])
+        rows.append({"stage": f"score {args.config}", "seconds": score_seconds, "cpu_seconds": score_cpu,
+                     "bound_seconds": plain, "bound_cpu_seconds": plain_cpu, "bound": "plain faiss search",
+                     "note": f"{n_queries} queries x {bank_size}"})
     else:
-        rows.append({"stage": f"fit {args.config}", "seconds": fit_seconds, "bound_seconds": one_pass,
-                     "bound": "one pass over the bank", "note": f"{n_train_vectors} x {dims}" + (
+        rows.append({"stage": f"fit {args.config}", "seconds": fit_seconds, "cpu_seconds": fit_cpu,
+                     "bound_seconds": one_pass, "bound_cpu_seconds": one_pass_cpu, "bound": "one pass over the bank",
+                     "note": f"{n_train_vectors} x {dims}" + (
                          f", {settings['feature_subset']} dims per position" if settings.get("per_position") else "")})
-        rows.append({"stage": f"score {args.config}", "seconds": score_seconds, "bound_seconds": None, "bound": "",
-                     "note": ""})
+        rows.append({"stage": f"score {args.config}", "seconds": score_seconds, "cpu_seconds": score_cpu,
+                     "bound_seconds": None, "bound": "", "note": ""})
     largest = bank.train_patches.nbytes  # float32, what the scorer is given
-    return {"rows": rows, "cpu_seconds": cpu_seconds, "peak_rss": peak, "largest_array": largest,
+    return {"rows": rows, "peak_rss": peak, "largest_array": largest,
             "bank_bytes": Path(args.bank).stat().st_size, "config": args.config}
 
 
@@ -204,9 +222,7 @@ def stage_coreset(args) -> dict:
 
     bank = read_bank(args.bank, mmap=True)
     vectors = bank.train_patches.reshape(-1, bank.train_patches.shape[-1])  # float16 memory map
-    full_start, full_cpu = time.perf_counter(), _cpu_seconds()
-    greedy_coreset(vectors, 0.1, seed=0, device=args.device)
-    full_seconds, full_cpu_seconds = time.perf_counter() - full_start, _cpu_seconds() - full_cpu
+    full_seconds, full_cpu_seconds = _timed(lambda: greedy_coreset(vectors, 0.1, seed=0, device=args.device))
     rows = [{"stage": "coreset full bank (vitad)", "seconds": full_seconds, "cpu_seconds": full_cpu_seconds,
              "bound_seconds": None, "bound": "", "note": f"{len(vectors)} x {vectors.shape[1]} -> "
              f"{coreset_size(len(vectors), 0.1)} (projection included)"}]
@@ -223,14 +239,18 @@ def stage_coreset(args) -> dict:
             check=True, capture_output=True, text=True,
         )
     result = json.loads(reference.stdout.strip().splitlines()[-1])
-    ours_start = time.perf_counter()
-    ours = greedy_coreset(sample, 0.1, seed=0, projection_dim=sample.shape[1], start=result["start"])
-    ours_seconds = time.perf_counter() - ours_start
+    selected = {}
+    ours_seconds, ours_cpu = _timed(lambda: selected.setdefault("ours", greedy_coreset(
+        sample, 0.1, seed=0, projection_dim=sample.shape[1], start=result["start"])))
+    ours = selected["ours"]
     agreement = len(set(ours.tolist()) & set(result["selected"])) / len(ours)
-    rows.append({"stage": "coreset sample, anomalib KCenterGreedy", "seconds": result["seconds"], "bound_seconds": None,
-                 "bound": "", "note": f"{len(sample)} x 128 -> {len(ours)}"})
-    rows.append({"stage": "coreset sample, vitad", "seconds": ours_seconds, "bound_seconds": None, "bound": "",
-                 "note": f"{result['seconds'] / ours_seconds:.1f}x faster; same selection: {agreement:.1%}"})
+    rows.append({"stage": "coreset sample, anomalib KCenterGreedy", "seconds": result["seconds"],
+                 "cpu_seconds": result["cpu_seconds"], "bound_seconds": None, "bound": "",
+                 "note": f"{len(sample)} x 128 -> {len(ours)}"})
+    rows.append({"stage": "coreset sample, vitad", "seconds": ours_seconds, "cpu_seconds": ours_cpu,
+                 "bound_seconds": None, "bound": "",
+                 "note": f"{result['seconds'] / ours_seconds:.1f}x faster (CPU time: "
+                         f"{result['cpu_seconds'] / ours_cpu:.1f}x); same selection: {agreement:.1%}"})
     return {"rows": rows, "peak_rss": _peak_rss_bytes()}
 
 
@@ -267,6 +287,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--coreset-sample", type=int, default=40960, help="vectors timed against anomalib")
     parser.add_argument("--no-coreset-comparison", action="store_true")
+    parser.add_argument("--reuse-banks", action="store_true", help="skip extraction where the bank exists")
     parser.add_argument("--work", type=Path, default=REPO / ".scale")
     # internal: one stage in this process
     parser.add_argument("--stage", choices=("extract", "score", "coreset"), help=argparse.SUPPRESS)
@@ -285,6 +306,8 @@ def main() -> None:
     results = []
     for backbone, size in sorted({CONFIGS[name][:2] for name in args.configs}):
         out = bank_path(args.work, root, backbone, size)
+        if args.reuse_banks and out.exists():
+            continue
         out.parent.mkdir(parents=True, exist_ok=True)
         result = _run_stage("extract", backbone=backbone, size=size, root=root, out=out,
                             batch_size=args.batch_size, device=args.device)
@@ -308,15 +331,17 @@ def main() -> None:
     print(f"\n{CATEGORY}: {args.train} train + {args.test} test images of {args.image_size} px; "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.get_num_threads()} threads, "
           f"device {args.device}")
-    print("| stage | wall s | bound s | ratio | bound | peak RSS GB | memory bound GB | RSS / bound | bank on disk GB | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | wall s | bound s | ratio | CPU s | CPU ratio | bound | peak RSS GB | memory bound GB | RSS / bound "
+          "| bank on disk GB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         memory_bound = None if "largest_array" not in result else 2 * result["largest_array"] + GB
         for index, row in enumerate(result.get("rows", [result])):
             whole = index == 0  # the process's own figures go on its first row
             cells = [
                 row["stage"], _seconds(row["seconds"]), _seconds(row.get("bound_seconds")),
-                _ratio(row["seconds"], row.get("bound_seconds")), row.get("bound", ""),
+                _ratio(row["seconds"], row.get("bound_seconds")), _seconds(row.get("cpu_seconds")),
+                _ratio(row.get("cpu_seconds"), row.get("bound_cpu_seconds")), row.get("bound", ""),
                 _gb(result.get("peak_rss")) if whole else "", _gb(memory_bound) if whole else "",
                 _ratio(result.get("peak_rss"), memory_bound) if whole else "",
                 _gb(result.get("bank_bytes")) if whole else "", row.get("note", ""),

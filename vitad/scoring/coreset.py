@@ -11,17 +11,17 @@ over the whole bank: memory bound, since the projected bank does not stay in cac
 float32 = 160 MB for a full MVTec AD category). On the CPU this module gives the same selection
 with cache-sized matrix products that skip what cannot matter:
 
-- the bank is reordered so that consecutive rows are close to each other (the leaves of a ball
-  tree: recursive median splits along each group's principal direction) and cut into blocks of
-  ``_BLOCK_SIZE`` rows, each with its centroid and radius;
+- the bank is cut into blocks of ``_BLOCK_SIZE`` rows; a large bank is first reordered so that
+  consecutive rows are close to each other (the leaves of a ball tree: recursive median splits
+  along each group's principal direction), and each block gets its centroid and radius;
 - every block remembers how many of the selected centres its min-distances already include and
   an upper bound of its largest min-distance (min-distances only shrink when centres are added,
   so a stale maximum stays a valid upper bound);
 - to find the next farthest point, the block with the largest bound is brought up to date
   against the centres it has not seen yet ("lazy" evaluation); once the block with the largest
   bound is up to date, its farthest point is the global farthest point;
-- bringing a block up to date skips every centre farther from the block's centroid than its
-  radius plus the block's bound (triangle inequality: such a centre is farther from each point
+- in a large bank, bringing a block up to date skips every centre farther from the block's
+  centroid than its radius plus the block's bound (triangle inequality: such a centre is farther from each point
   of the block than that point's current min-distance), so late in the selection, when the
   covering radius is small, a block is compared only with the few centres next to it, in one
   matrix product.
@@ -38,6 +38,10 @@ from threadpoolctl import threadpool_limits
 
 # Rows per block: 256 x (128 + 1) float32 = 132 KB stays in L2 cache while a block is updated.
 _BLOCK_SIZE = 256
+# Blocks from which the ball-tree order and the triangle-inequality test pay for themselves: in a
+# small bank few centres are far enough from a block to be skipped, and the test is pure overhead
+# (benchmarks/scale.py times a full category; a bank of the default dataset is below this).
+_PRUNE_MIN_BLOCKS = 256
 
 
 def coreset_size(n_vectors: int, ratio: float) -> int:
@@ -122,10 +126,12 @@ def greedy_coreset(
     # The loop multiplies cache-sized blocks: one BLAS thread per product is about 3x faster
     # than the default pool, whose start-up per small product dominates (measured on 2 cores).
     with threadpool_limits(limits=1, user_api="blas"):
+        if n_vectors < _PRUNE_MIN_BLOCKS * _BLOCK_SIZE:
+            return _lazy_greedy_k_center(projected, n_select, start, prune=False)
         order = _ball_tree_order(projected)
         position = np.empty(n_vectors, dtype=np.int64)
         position[order] = np.arange(n_vectors)
-        return order[_lazy_greedy_k_center(projected[order], n_select, int(position[start]))]
+        return order[_lazy_greedy_k_center(projected[order], n_select, int(position[start]), prune=True)]
 
 
 def device_type(device) -> str:
@@ -176,9 +182,9 @@ def _ball_tree_order(points: np.ndarray) -> np.ndarray:
     return order
 
 
-def _lazy_greedy_k_center(points: np.ndarray, n_select: int, start: int) -> np.ndarray:
-    """Greedy k-center on float32 ``points`` [N, p] (in ball-tree order) from ``start``,
-    block-lazy with triangle-inequality pruning (see module doc)."""
+def _lazy_greedy_k_center(points: np.ndarray, n_select: int, start: int, prune: bool = True) -> np.ndarray:
+    """Greedy k-center on float32 ``points`` [N, p] from ``start``, block-lazy; with ``prune``
+    (``points`` in ball-tree order) centres too far from a block are skipped (see module doc)."""
     n_points, dim = points.shape
     n_blocks = -(-n_points // _BLOCK_SIZE)
     # ||x - c||^2 = ||x||^2 + (||c||^2 - 2 x.c); the bracket is one product of the augmented
@@ -219,11 +225,12 @@ def _lazy_greedy_k_center(points: np.ndarray, n_select: int, start: int) -> np.n
             block = int(np.argmax(block_bounds))
             if centres_seen[block] == n_centres:
                 break
-            unseen = centres[centres_seen[block] : n_centres]  # [m, p + 1]
-            # ||c - centroid||^2 [m]; only centres within radius + sqrt(bound) can lower a row.
-            centroid_sq_distances = unseen @ centroids[block] + centroid_sq_norms[block]
-            reach = radii[block] + np.sqrt(block_bounds[block])
-            relevant = unseen[centroid_sq_distances < reach * reach]
+            relevant = unseen = centres[centres_seen[block] : n_centres]  # [m, p + 1]
+            if prune:
+                # ||c - centroid||^2 [m]; only centres within radius + sqrt(bound) can lower a row.
+                centroid_sq_distances = unseen @ centroids[block] + centroid_sq_norms[block]
+                reach = radii[block] + np.sqrt(block_bounds[block])
+                relevant = unseen[centroid_sq_distances < reach * reach]
             if len(relevant):
                 nearest_relevant = (blocks[block] @ relevant.T).min(axis=1) + squared_norms[block]  # [bs]
                 np.minimum(min_sq_distances[block], nearest_relevant, out=min_sq_distances[block])

@@ -389,9 +389,21 @@ class MahalanobisScorer(Scorer):
                     f"per-position Gaussians were fitted on a {self.train_shape_[1]}x{self.train_shape_[2]} patch "
                     f"grid, test grid is {test.shape[1]}x{test.shape[2]}"
                 )
-            n_images, height, width, _ = test.shape
-            by_position = self._reduced(test).reshape(n_images, height * width, -1).transpose(1, 0, 2)  # [h * w, M, d]
-            distances = _mahalanobis_distances(self.gaussians_, by_position, self.device)  # [h * w, M]
+            n_images, height, width, dims = test.shape
+            by_position = test.reshape(n_images, height * width, dims)  # [M, h * w, D], a view
+            gaussians = self.gaussians_
+            distances = np.empty((height * width, n_images), dtype=np.float64)  # [h * w, M]
+            # A chunk of positions at a time: the reduced test features are never held whole.
+            chunk = max(1, _CHUNK_ELEMENTS // (n_images * dims))
+            for first in range(0, height * width, chunk):
+                positions = slice(first, first + chunk)
+                part = _Gaussians(
+                    gaussians.mean[positions], gaussians.factor[positions], gaussians.scale[positions],
+                    gaussians.offset[positions],
+                    None if gaussians.train_centered is None else gaussians.train_centered[positions],
+                )
+                queries = self._reduced(by_position[:, positions]).transpose(1, 0, 2)  # [p, M, d]
+                distances[positions] = _mahalanobis_distances(part, queries, self.device)
             return distances.T.reshape(test.shape[:-1])
         vectors = test.reshape(-1, test.shape[-1])  # [M (* h * w), D]
         distances = np.concatenate([
