@@ -172,9 +172,9 @@ def stage_score(args) -> dict:
     from vitad.scoring import make_scorer
     from vitad.scoring.device import resolve_compute_device
 
-    import torch  # noqa: F401  imported before the clocks start, as the score stage has it loaded
-
     _, _, method, settings = CONFIGS[args.config]
+    if method == "mahalanobis":
+        import torch  # noqa: F401  the Gaussians' first use imports it: before the clocks start
     device = resolve_compute_device(args.device, "--device")
     loaded = {}
     read_seconds, read_cpu = _timed(lambda: loaded.setdefault("bank", read_bank(args.bank)))
