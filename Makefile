@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test demo exps benchmarks parity clean remote push pull worker finish fanout
+.PHONY: setup run test demo exps benchmarks benchmark-scale parity clean remote push pull worker finish fanout
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
 	touch $(STAMP)
 
 # Ends with the mean over categories of every run (reports/summary.md has the per-category rows;
@@ -40,6 +40,15 @@ benchmarks: setup
 	$(BIN)/python benchmarks/score.py
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/predict.py
+
+# An MVTec-size category (400 train + 150 test images of 1024 px) through the real extract and
+# score code: per stage wall time, peak RSS, bank size, and the physical bound as a ratio; the
+# coreset against anomalib's KCenterGreedy (in .venv-anomalib, as `make parity` creates it). Long:
+# see `python benchmarks/scale.py --help` for smaller sizes and the ViT configurations.
+benchmark-scale: setup
+	test -x .venv-anomalib/bin/python || ($(PYTHON) -m venv .venv-anomalib && \
+		.venv-anomalib/bin/pip install --quiet -r benchmarks/anomalib-requirements.txt)
+	$(BIN)/python benchmarks/scale.py
 
 # vitad's recipes next to anomalib's Patchcore / Padim / AnomalyDINO on the same images and
 # weights; anomalib goes into its own venv (.venv-anomalib), never into vitad's.

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from vitad.scoring import coreset
 from vitad.scoring.coreset import coreset_size, greedy_coreset, random_projection
 
 
@@ -71,3 +72,17 @@ def test_bad_vectors():
         greedy_coreset(np.array([[0.0, np.nan]], dtype=np.float32), 0.5, seed=0)
     with pytest.raises(ValueError, match="non-empty"):
         greedy_coreset(np.zeros((0, 3), dtype=np.float32), 0.5, seed=0)
+
+
+def test_ball_tree_pruning_keeps_the_greedy_selection(monkeypatch):
+    # Clustered points in several blocks, ordered and pruned as a large bank would be.
+    rng = np.random.default_rng(6)
+    centres = rng.standard_normal((12, 16)) * 5
+    vectors = (centres[rng.integers(12, size=1500)] + rng.standard_normal((1500, 16))).astype(np.float32)
+    plain = greedy_coreset(vectors, 0.1, seed=2)
+    monkeypatch.setattr(coreset, "_PRUNE_MIN_BLOCKS", 1)
+    pruned = greedy_coreset(vectors, 0.1, seed=2)
+    _assert_greedy_k_center(vectors, pruned)
+    np.testing.assert_array_equal(pruned, plain)
+    order = coreset._ball_tree_order(vectors)
+    np.testing.assert_array_equal(np.sort(order), np.arange(1500))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,29 @@ def test_bank_files_are_deterministic_and_float32_is_exact(tmp_path):
     write_bank(tmp_path / "b.safetensors", **arrays, info=info)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     np.testing.assert_array_equal(read_bank(tmp_path / "a.safetensors").train_patches, arrays["train_patches"])
+
+
+def test_bank_reads_memory_mapped_in_its_stored_dtype(tmp_path):
+    arrays = _bank_arrays(np.random.default_rng(3))
+    write_bank(tmp_path / "a.safetensors", **arrays, info=INFO)
+    mapped = read_bank(tmp_path / "a.safetensors", mmap=True)
+    assert isinstance(mapped.train_patches, np.memmap) and mapped.train_patches.dtype == np.float16
+    np.testing.assert_array_equal(mapped.test_patches, arrays["test_patches"].astype(np.float16))
+    assert mapped.train_samples == arrays["train_samples"] and mapped.info == INFO
+
+
+def test_writing_a_bank_does_not_copy_its_patches(tmp_path, monkeypatch):
+    monkeypatch.setattr("vitad.io._IO_CHUNK_BYTES", 1 << 16)
+    arrays = _bank_arrays(np.random.default_rng(4), n_train=48)
+    arrays["train_patches"] = np.random.default_rng(5).standard_normal((48, 4, 4, 256), dtype=np.float32)  # 768 KiB
+    arrays["test_patches"] = arrays["train_patches"][:2]
+    tracemalloc.start()
+    try:
+        write_bank(tmp_path / "a.safetensors", **arrays, info=dict(INFO, grid_size=[4, 4]))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < arrays["train_patches"].nbytes / 4  # a float16 copy of the patches would be 1/2
 
 
 def test_write_bank_refuses_inconsistent_or_unrepresentable_data(tmp_path):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vitad.cli import StageError
 from vitad.data import ImageDataset, Sample, collate, split_samples
-from vitad.io import load_arrays, save_arrays
+from vitad.io import load_arrays, open_arrays, save_arrays
 from vitad.params import ParamsError, param, positive_int
 
 if TYPE_CHECKING:  # reading a bank needs neither torch nor the backbones (seconds to import)
@@ -62,6 +62,8 @@ def extract_settings(params: dict) -> ExtractSettings:
 
 @dataclass(frozen=True)
 class FeatureBank:
+    """A bank as :func:`read_bank` returns it: float32 arrays, or memory maps in the stored dtype."""
+
     train_embeddings: np.ndarray  # [N_train, D] float32
     train_patches: np.ndarray  # [N_train, h, w, Dp] float32
     test_embeddings: np.ndarray  # [N_test, D] float32
@@ -263,31 +265,33 @@ def write_bank(
             f"{path}: train and test feature shapes differ ({train_patches.shape[1:]} vs {test_patches.shape[1:]})"
         )
     patch_dtype = PATCH_DTYPES[info["patch_dtype"]]
-    with np.errstate(over="ignore"):  # overflow to inf is reported below, naming the fix
-        arrays = {
-            "train_embeddings": np.asarray(train_embeddings, dtype=np.float32),
-            "train_patches": np.asarray(train_patches, dtype=patch_dtype),
-            "test_embeddings": np.asarray(test_embeddings, dtype=np.float32),
-            "test_patches": np.asarray(test_patches, dtype=patch_dtype),
-        }
-    for name, array in arrays.items():
-        if not _all_finite(array):
+    dtypes = {"train_embeddings": np.float32, "train_patches": patch_dtype, "test_embeddings": np.float32,
+              "test_patches": patch_dtype}
+
+    def check_finite(name: str, stored_chunk: np.ndarray) -> None:
+        if not _all_finite(stored_chunk):
             raise ValueError(
-                f"{path}: {name} holds inf/NaN values as {array.dtype}"
+                f"{path}: {name} holds inf/NaN values as {stored_chunk.dtype}"
                 + ("; set extract.patch_dtype: float32 (features exceed the float16 range)"
-                   if array.dtype == np.float16 else "")
+                   if stored_chunk.dtype == np.float16 else "")
             )
+
     metadata = {
         "info": info,
         "train_samples": [sample.to_dict() for sample in train_samples],
         "test_samples": [sample.to_dict() for sample in test_samples],
     }
-    save_arrays(path, arrays, metadata)
+    arrays = {"train_embeddings": train_embeddings, "train_patches": train_patches,
+              "test_embeddings": test_embeddings, "test_patches": test_patches}
+    # Converted to the stored dtypes and checked chunk by chunk while written: no second copy.
+    save_arrays(path, arrays, metadata, dtypes=dtypes, check=check_finite)
 
 
-def read_bank(path: str | Path) -> FeatureBank:
-    """Read a bank written by :func:`write_bank`; patch grids come back as float32."""
-    arrays, metadata = load_arrays(path)
+def read_bank(path: str | Path, mmap: bool = False) -> FeatureBank:
+    """Read a bank written by :func:`write_bank`; patch grids come back as float32, converted
+    while read (no float16 copy in memory). ``mmap``: the arrays are read-only memory maps in
+    their stored dtype instead (patches float16 by default), read only where used."""
+    arrays, metadata = open_arrays(path) if mmap else load_arrays(path, dict.fromkeys(ARRAY_NAMES, np.float32))
     missing = [name for name in ARRAY_NAMES if name not in arrays] + [
         key for key in ("info", "train_samples", "test_samples") if key not in metadata
     ]
@@ -303,10 +307,10 @@ def read_bank(path: str | Path) -> FeatureBank:
             f"{path}: malformed sample metadata ({error}); re-run the extract stage (dvc repro)"
         ) from error
     bank = FeatureBank(
-        train_embeddings=arrays["train_embeddings"].astype(np.float32, copy=False),
-        train_patches=arrays["train_patches"].astype(np.float32, copy=False),
-        test_embeddings=arrays["test_embeddings"].astype(np.float32, copy=False),
-        test_patches=arrays["test_patches"].astype(np.float32, copy=False),
+        train_embeddings=arrays["train_embeddings"],
+        train_patches=arrays["train_patches"],
+        test_embeddings=arrays["test_embeddings"],
+        test_patches=arrays["test_patches"],
         train_samples=train_samples,
         test_samples=test_samples,
         info=metadata["info"],

@@ -4,7 +4,8 @@ Every file a stage writes goes to a temporary name in the same directory and is 
 place, so an interrupted or failing stage never leaves a half-written output behind.  Arrays are
 stored with safetensors: its byte layout depends only on the arrays and the metadata (no
 timestamps, unlike ``np.savez``), so identical inputs give identical files and DVC's run-cache
-and ``dvc metrics diff`` stay meaningful.
+and ``dvc metrics diff`` stay meaningful. Arrays are written and read in chunks (or
+memory-mapped), so a multi-GB feature bank never needs a second copy in memory.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
 
 
 _UMASK = os.umask(0)
@@ -86,12 +87,97 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    """Save named arrays plus JSON-serialisable metadata atomically (safetensors)."""
-    contiguous = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
-    header = {"json": json.dumps(metadata or {}, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=header)
+# safetensors dtype names, and the rank by which safetensors orders tensors in the file (largest
+# first, then by name): the writer below lays files out exactly as ``safetensors.numpy.save_file``.
+_SAFETENSORS_DTYPES = {
+    np.dtype(np.uint64): ("U64", 0), np.dtype(np.int64): ("I64", 1), np.dtype(np.float64): ("F64", 2),
+    np.dtype(np.float32): ("F32", 3), np.dtype(np.uint32): ("U32", 4), np.dtype(np.int32): ("I32", 5),
+    np.dtype(np.float16): ("F16", 6), np.dtype(np.uint16): ("U16", 7), np.dtype(np.int16): ("I16", 8),
+    np.dtype(np.int8): ("I8", 9), np.dtype(np.uint8): ("U8", 10), np.dtype(np.bool_): ("BOOL", 11),
+}
+_NUMPY_DTYPES = {name: dtype for dtype, (name, _) in _SAFETENSORS_DTYPES.items()}
+# Bytes converted and written per chunk: writing or reading an array never holds a second copy.
+_IO_CHUNK_BYTES = 32 * 2**20
+
+ChunkCheck = Callable[[str, np.ndarray], None]
+
+
+def _row_chunks(array: np.ndarray, itemsize: int) -> Iterator[slice]:
+    rows = len(array) if array.ndim else 1
+    row_bytes = max(1, array.size // max(rows, 1) * itemsize)
+    step = max(1, _IO_CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def save_arrays(
+    path: str | os.PathLike,
+    arrays: dict[str, np.ndarray],
+    metadata: dict | None = None,
+    dtypes: dict[str, np.dtype] | None = None,
+    check: ChunkCheck | None = None,
+) -> None:
+    """Save named arrays plus JSON-serialisable metadata atomically, as a safetensors file
+    (byte-identical to ``safetensors.numpy.save_file``).
+
+    Arrays are written straight from their memory, chunk by chunk: saving never copies a whole
+    array (``save_file`` first turns every array into a bytes object). ``dtypes[name]`` stores
+    that array in another dtype, converted chunk by chunk; ``check(name, chunk)`` sees every
+    stored chunk and may raise, leaving no file behind.
+    """
+    dtypes = {name: np.dtype(dtypes[name]) if dtypes and name in dtypes else np.asarray(array).dtype
+              for name, array in arrays.items()}
+    for name, dtype in dtypes.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: array {name!r} has dtype {dtype}, which safetensors does not store here")
+    order = sorted(arrays, key=lambda name: (_SAFETENSORS_DTYPES[dtypes[name]][1], name))
+    header: dict[str, Any] = {"__metadata__": {"json": json.dumps(metadata or {}, sort_keys=True)}}
+    offset = 0
+    for name in order:
+        size = int(np.asarray(arrays[name]).size) * dtypes[name].itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtypes[name]][0],
+            "shape": list(np.shape(arrays[name])),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name in order:
+            array, dtype = np.asarray(arrays[name]), dtypes[name]
+            for rows in _row_chunks(array, max(array.dtype.itemsize, dtype.itemsize)):
+                with np.errstate(over="ignore"):  # overflow to inf is the check's to report
+                    chunk = np.ascontiguousarray(array[rows] if array.ndim else array, dtype=dtype)
+                if check is not None:
+                    check(name, chunk)
+                handle.write(memoryview(chunk.reshape(-1)).cast("B"))
+
+
+def _unreadable(path: Path, error: Exception) -> ArrayFileError:
+    return ArrayFileError(f"{path}: unreadable ({error}); delete it and re-run the stage that writes it")
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensor entries by name, metadata, byte offset of the data) of a safetensors file; the
+    file is validated by safetensors itself first (offsets, sizes, dtypes)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (did the stage that writes it run? try `dvc repro`)")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
+        with open(path, "rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(header_size))
+    except (SafetensorError, OSError, ValueError, struct.error) as error:
+        raise _unreadable(path, error) from error
+    header.pop("__metadata__", None)
+    unknown = sorted({entry["dtype"] for entry in header.values()} - set(_NUMPY_DTYPES))
+    if unknown:
+        raise _unreadable(path, ValueError(f"unsupported dtype {unknown[0]}"))
+    return header, metadata, 8 + header_size
 
 
 def load_metadata(path: str | os.PathLike) -> dict:
@@ -101,17 +187,48 @@ def load_metadata(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="numpy") as handle:
             return json.loads((handle.metadata() or {}).get("json", "{}"))
     except (SafetensorError, OSError, ValueError) as error:
-        raise ArrayFileError(f"{path}: unreadable ({error}); delete it and re-run the stage that writes it") from error
+        raise _unreadable(path, error) from error
 
 
-def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Load what :func:`save_arrays` wrote: (arrays, metadata)."""
+def open_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """What :func:`save_arrays` wrote as read-only memory maps in their stored dtype, plus the
+    metadata: nothing is read until used, so a bank larger than memory can be streamed."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (did the stage that writes it run? try `dvc repro`)")
+    header, metadata, data_start = _read_header(path)
+    arrays = {}
+    for name, entry in header.items():
+        begin, _ = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if int(np.prod(shape)) == 0:
+            arrays[name] = np.empty(shape, dtype=_NUMPY_DTYPES[entry["dtype"]])
+            continue
+        arrays[name] = np.memmap(path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r", offset=data_start + begin, shape=shape)
+    return arrays, metadata
+
+
+def load_arrays(path: str | os.PathLike, dtypes: dict[str, np.dtype] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Load what :func:`save_arrays` wrote: (arrays, metadata). ``dtypes[name]`` converts that
+    array while it is read, chunk by chunk, so a float16 array becomes float32 without a float16
+    copy of it in memory."""
+    path = Path(path)
+    header, metadata, data_start = _read_header(path)
+    arrays = {}
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ArrayFileError(f"{path}: unreadable ({error}); delete it and re-run the stage that writes it") from error
+        with open(path, "rb") as file:
+            for name, entry in header.items():
+                stored = _NUMPY_DTYPES[entry["dtype"]]
+                target = np.dtype(dtypes[name]) if dtypes and name in dtypes else stored
+                array = np.empty(tuple(entry["shape"]), dtype=target)
+                flat = array.reshape(-1)
+                step = max(1, _IO_CHUNK_BYTES // stored.itemsize)
+                file.seek(data_start + entry["data_offsets"][0])
+                for start in range(0, flat.size, step):
+                    count = min(step, flat.size - start)
+                    chunk = np.frombuffer(file.read(count * stored.itemsize), dtype=stored)
+                    if len(chunk) != count:
+                        raise ValueError(f"array {name!r} is truncated")
+                    flat[start : start + count] = chunk
+                arrays[name] = array
+    except (OSError, ValueError) as error:
+        raise _unreadable(path, error) from error
+    return arrays, metadata

@@ -233,30 +233,38 @@ def _to_image(canvas: Canvas, rng: np.random.Generator, grayscale: bool) -> Imag
     return Image.fromarray(pixels[..., 0], mode="L") if grayscale else Image.fromarray(pixels, mode="RGB")
 
 
-def _render(spec: CategorySpec, rng: np.random.Generator, defect: str | None):
-    """(image, bool mask [H, W] or None for a good image)."""
-    canvas = spec.render(rng, spec.size)  # [H, W, 3] or [H, W, 1] for grayscale categories
+def _render(spec: CategorySpec, rng: np.random.Generator, defect: str | None, size: int):
+    """(image, bool mask [H, W] or None for a good image), ``size`` x ``size`` px."""
+    canvas = spec.render(rng, size)  # [H, W, 3] or [H, W, 1] for grayscale categories
     mask = spec.defects[defect](rng, canvas) if defect is not None else None
     return _to_image(np.clip(canvas, 0, 1), rng, spec.grayscale), mask
 
 
 def generate_category(
-    dest: Path, category: str, seed: int, train_images: int, test_good_images: int, test_images_per_defect: int
+    dest: Path,
+    category: str,
+    seed: int,
+    train_images: int,
+    test_good_images: int,
+    test_images_per_defect: int,
+    image_size: int | None = None,
 ) -> None:
-    """Write one category in MVTec layout under dest/<category>."""
+    """Write one category in MVTec layout under dest/<category>; ``image_size`` replaces the
+    category's own size (MVTec AD's images are up to 1024 px; defect sizes stay in pixels)."""
     if category not in CATEGORIES:
         raise ParamsError(
             f"params.yaml: data.categories: {category!r} is not a synthetic category (available: {', '.join(CATEGORIES)}); "
             "set data.source to mvtec or folder for real categories"
         )
     spec = CATEGORIES[category]
+    size = spec.size if image_size is None else image_size
     root = dest / category
     jobs = [("train", "good", i) for i in range(train_images)]
     jobs += [("test", "good", i) for i in range(test_good_images)]
     jobs += [("test", defect, i) for defect in spec.defects for i in range(test_images_per_defect)]
     for split, defect, index in jobs:
         rng = _rng(seed, category, split, defect, index)
-        image, mask = _render(spec, rng, None if defect == "good" else defect)
+        image, mask = _render(spec, rng, None if defect == "good" else defect, size)
         folder = root / split / defect
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{index:03d}.png")
@@ -273,16 +281,18 @@ def generate(
     train_images: int = 16,
     test_good_images: int = 6,
     test_images_per_defect: int = 4,
+    image_size: int | None = None,
 ) -> None:
     """Generate the default dataset into ``dest`` (replaced atomically: built in a temporary
-    sibling directory and renamed, so a failure leaves no partial dataset)."""
+    sibling directory and renamed, so a failure leaves no partial dataset); ``image_size``: see
+    :func:`generate_category`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         for category in categories:
-            generate_category(staging, category, seed, train_images, test_good_images, test_images_per_defect)
+            generate_category(staging, category, seed, train_images, test_good_images, test_images_per_defect, image_size)
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)

@@ -5,7 +5,8 @@
 - :mod:`vitad.scoring.knn`: nearest-neighbour distance (PatchCore, AnomalyDINO, the seed's kNN);
 - :mod:`vitad.scoring.coreset`: PatchCore's greedy k-center coreset;
 - :mod:`vitad.scoring.gaussian`: Mahalanobis distance (PaDiM, the seed's PCA + shrinkage);
-- :mod:`vitad.scoring.kmeans`: the seed's KMeans baseline.
+- :mod:`vitad.scoring.kmeans`: the seed's KMeans baseline;
+- :mod:`vitad.scoring.device`: where scorers compute (CPU, or the GPU extraction ran on).
 """
 
 from __future__ import annotations
@@ -82,17 +83,24 @@ class BankScores:
 
 
 def score_bank(
-    bank, method: str, patch_params: dict, embedding_params: dict, source: str, model_map: ModelMap | None = None
+    bank,
+    method: str,
+    patch_params: dict,
+    embedding_params: dict,
+    source: str,
+    model_map: ModelMap | None = None,
+    device: str = "cpu",
 ) -> BankScores:
     """Fit ``method`` on ``bank``'s training features and score its test features, at patch level
     (train_patches -> test_patches, with ``patch_params``) and at image level (train_embeddings
     -> test_embeddings, with ``embedding_params``). ``model_map``: the run's patch grid ->
-    anomaly map at the model input, for the ``map_max`` image-score rule.
+    anomaly map at the model input, for the ``map_max`` image-score rule. ``device``: where the
+    scorers compute (``cpu`` | ``cuda``).
 
     ``bank`` is a :class:`vitad.featurebank.FeatureBank`; ``source`` (its file) prefixes errors.
     """
-    patch_scorer = make_scorer(method, patch_params)
-    embedding_scorer = make_scorer(method, embedding_params)
+    patch_scorer = make_scorer(method, patch_params).to(device)
+    embedding_scorer = make_scorer(method, embedding_params).to(device)
     fit_seconds = score_seconds = 0.0
     results = []
     for level, scorer, train, test in (

@@ -3,12 +3,22 @@ the seed's cosine kNN), with exact faiss search."""
 
 from __future__ import annotations
 
-import faiss
+import functools
+
 import numpy as np
+
+try:
+    import faiss
+except ImportError as error:  # faiss comes from an extra: the CPU or the GPU build
+    raise ImportError(
+        "vitad's kNN scoring needs faiss: pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' (faiss-gpu-cu12) on a "
+        "CUDA machine"
+    ) from error
 from scipy.special import softmax
 
 from vitad.scoring.base import ScoringError, Scorer, bad_param, choice_param, float_param, int_param
-from vitad.scoring.coreset import greedy_coreset
+from vitad.scoring.coreset import device_type, greedy_coreset
+from vitad.scoring.device import knn_backend
 
 METRICS = ("cosine", "euclidean")
 
@@ -35,12 +45,60 @@ def channel_pooling_matrix(n_channels: int, n_pooled: int) -> np.ndarray:
     return pooling
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_resources():
+    return faiss.StandardGpuResources()
+
+
+# Query x bank similarities held at once by the torch search (float32 elements: 1 GiB).
+_TORCH_SEARCH_ELEMENTS = 1 << 28
+
+
+def exact_search(queries: np.ndarray, bank: np.ndarray, k: int, metric: str, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of ``queries`` [n, D] among ``bank`` [N, D] (float32,
+    C-contiguous): (inner products, best first, for ``cosine`` on unit rows | squared Euclidean
+    distances, nearest first, for ``euclidean``) [n, k] float32 and bank indices [n, k] int64.
+
+    On the CPU, faiss's brute-force search straight on the bank's memory (a flat index would
+    hold a copy of it); on cuda, faiss's GPU search or torch (:func:`knn_backend`).
+    """
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    backend = knn_backend(device_type(device), faiss.get_num_gpus())
+    if backend == "faiss-cpu":
+        return faiss.knn(queries, bank, k, metric=faiss_metric)
+    if backend == "faiss-gpu":
+        return faiss.knn_gpu(_gpu_resources(), queries, bank, k, metric=faiss_metric)
+    return _torch_search(queries, bank, k, metric, device)
+
+
+def _torch_search(queries: np.ndarray, bank: np.ndarray, k: int, metric: str, device) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_search` in torch on ``device``, the queries in chunks."""
+    import torch
+
+    bank_on_device = torch.from_numpy(bank).to(device)  # [N, D]
+    bank_sq_norms = bank_on_device.square().sum(dim=1)  # [N]
+    chunk = max(1, _TORCH_SEARCH_ELEMENTS // len(bank))
+    values = np.empty((len(queries), k), dtype=np.float32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        query_chunk = torch.from_numpy(queries[start : start + chunk]).to(device)  # [c, D]
+        products = query_chunk @ bank_on_device.T  # [c, N]
+        if metric == "cosine":
+            best, where = products.topk(k, dim=1)
+        else:
+            sq_distances = (query_chunk.square().sum(dim=1, keepdim=True) + bank_sq_norms).sub_(products.mul_(2.0))
+            best, where = sq_distances.clamp_min_(0.0).topk(k, dim=1, largest=False)
+        values[start : start + len(query_chunk)] = best.cpu().numpy()
+        indices[start : start + len(query_chunk)] = where.cpu().numpy()
+    return values, indices
+
+
 class KNNScorer(Scorer):
     """Mean distance to the ``k`` nearest training vectors.
 
     ``metric``: ``cosine`` (1 - cos on L2-normalised vectors; the seed, AnomalyDINO) or
     ``euclidean`` (on the raw features; PatchCore). Exact search with a faiss flat index (GEMM
-    speed), moved to the GPU(s) when faiss sees any.
+    speed, :func:`exact_search`), on the GPU when the scorer's ``device`` is cuda.
 
     Patch level only (image-level banks hold one vector per image and are always used whole):
 
@@ -86,7 +144,8 @@ class KNNScorer(Scorer):
 
     def _vectors(self, features: np.ndarray) -> np.ndarray:
         """[..., D] -> [n, D'] float32 C-contiguous: channel-pooled (patch level) and, for cosine,
-        L2-normalised."""
+        L2-normalised. A float32 C-contiguous view of the features themselves when neither
+        applies (no copy)."""
         vectors = features.reshape(-1, features.shape[-1])  # [n, D]
         if self.pooling_ is not None:
             vectors = vectors @ self.pooling_  # [n, channel_pooling]
@@ -104,24 +163,28 @@ class KNNScorer(Scorer):
                     f"dimension {train.shape[-1]}"
                 )
             self.pooling_ = channel_pooling_matrix(train.shape[-1], self.channel_pooling)
-        bank = self._vectors(train)  # [N (* h * w), D']
         reduced = patch_level and self.coreset_ratio < 1.0
         if reduced:
-            bank = bank[np.sort(greedy_coreset(bank, self.coreset_ratio, self.seed, self.coreset_projection_dim))]
+            # The coreset is chosen on the raw (pooled) vectors, in the metric's own space
+            # (unit_rows for cosine), so only the kept rows are ever normalised or copied.
+            vectors = train.reshape(-1, train.shape[-1])  # [N * h * w, D]
+            if self.pooling_ is not None:
+                vectors = vectors @ self.pooling_
+            kept = greedy_coreset(
+                vectors, self.coreset_ratio, self.seed, self.coreset_projection_dim,
+                unit_rows=self.metric == "cosine", device=self.device,
+            )
+            bank = np.ascontiguousarray(vectors[np.sort(kept)], dtype=np.float32)  # [coreset size, D']
+            if self.metric == "cosine":
+                faiss.normalize_L2(bank)
+        else:
+            bank = self._vectors(train)  # [N (* h * w), D']
         if len(bank) < self.k:
             raise ScoringError(
                 f"{len(bank)} training vectors{' after the coreset' if reduced else ''} but score.knn.k = {self.k}: "
                 "lower k" + (" or raise score.knn.coreset_ratio" if reduced else "")
             )
-        self._index(bank)
-
-    def _index(self, bank: np.ndarray) -> None:
-        index = faiss.IndexFlatIP(bank.shape[1]) if self.metric == "cosine" else faiss.IndexFlatL2(bank.shape[1])
-        if faiss.get_num_gpus() > 0:
-            index = faiss.index_cpu_to_all_gpus(index)
-        index.add(bank)
-        self.index_ = index
-        self.memory_bank_ = bank  # [bank size, D'], what the index holds (for reweighting)
+        self.memory_bank_ = bank  # [bank size, D'], what is searched (normalised for cosine)
 
     def _state(self) -> dict[str, np.ndarray]:
         pooling = {} if self.pooling_ is None else {"pooling": self.pooling_}
@@ -129,15 +192,15 @@ class KNNScorer(Scorer):
 
     def _restore(self, state: dict[str, np.ndarray]) -> None:
         self.pooling_ = state.get("pooling")
-        self._index(np.ascontiguousarray(state["memory_bank"], dtype=np.float32))
+        self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=np.float32)
 
     def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances [n, k] in the metric, bank indices [n, k]) of the k nearest bank vectors."""
-        similarities, neighbours = self.index_.search(vectors, k)
+        similarities, neighbours = exact_search(vectors, self.memory_bank_, k, self.metric, self.device)
         if self.metric == "cosine":
             # Cosine distance is >= 0; clipping removes float rounding of 1 - cos(x, x).
             return np.maximum(1.0 - similarities, 0.0), neighbours
-        return np.sqrt(np.maximum(similarities, 0.0)), neighbours  # IndexFlatL2 returns squared distances
+        return np.sqrt(np.maximum(similarities, 0.0)), neighbours  # squared Euclidean distances
 
     def _score(self, test: np.ndarray) -> np.ndarray:
         distances, _ = self._search(self._vectors(test), self.k)  # [M (* h * w), k]
