@@ -5,7 +5,7 @@ Run from the project root after the pipeline (``make run``):
     streamlit run app/demo.py --server.address 127.0.0.1      (``make demo``)
 
 Serves the project in ``$VITAD_PROJECT`` (default: the working directory). All logic is in
-:mod:`vitad.demo`; this script only lays out the page.
+:mod:`vitad.serving.demo`; this script only lays out the page.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streamlit as st  # noqa: E402
 
-from vitad import demo  # noqa: E402
-from vitad.detector import Detector, ImageError, result_record, results_csv  # noqa: E402
+from vitad.serving import demo  # noqa: E402
+from vitad.serving.detector import Detector, ImageError, result_record, results_csv  # noqa: E402
 from vitad.params import ParamsError  # noqa: E402
 
 GALLERY_COLUMNS = 4
@@ -27,7 +27,7 @@ GALLERY_COLUMNS = 4
 @st.cache_resource(max_entries=4, show_spinner="Loading the fitted model…")
 def cached_detector(root: str, name: str, backbone: str, category: str, fingerprint: str) -> Detector:
     """One loaded detector per run, shared by all sessions; ``fingerprint`` (see
-    :func:`vitad.demo.detector_fingerprint`) only keys the cache, so new pipeline outputs reload."""
+    :func:`vitad.serving.demo.detector_fingerprint`) only keys the cache, so new pipeline outputs reload."""
     return demo.load_detector(Path(root), demo.Run(name, backbone, category))
 
 

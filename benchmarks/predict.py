@@ -1,9 +1,9 @@
 """Scoring new images with fitted models: `vitad predict` throughput and the demo's first answer.
 
 1. Throughput, per backbone (params.yaml's entry; weights as it says): a model fitted by the
-   score stage's code (:func:`vitad.scoring.score_bank`, :func:`vitad.model.fit_model`) on the
+   score stage's code (:func:`vitad.scoring.score_bank`, :func:`vitad.serving.model.fit_model`) on the
    default dataset's training set (--train-images), then a folder of --images new generated
-   images, scored by predict's code path (:meth:`vitad.detector.Detector.score_files` with
+   images, scored by predict's code path (:meth:`vitad.serving.detector.Detector.score_files` with
    CSV rows) and extracted by the extract stage's code path (extract_category + write_bank).
    Prints images/s of both and their ratio (target >= 0.90), best of --repeats interleaved runs,
    the ratio as the median of paired runs. Model loading and process start are excluded on both
@@ -34,12 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad import demo, synthetic  # noqa: E402
+from vitad import synthetic  # noqa: E402
+from vitad.serving import demo  # noqa: E402
 from vitad.backbones import build_extractor  # noqa: E402
 from vitad.data import index_category  # noqa: E402
-from vitad.detector import Detector, csv_row, csv_writer, load_detector, result_record  # noqa: E402
+from vitad.serving.detector import Detector, csv_row, csv_writer, load_detector, result_record  # noqa: E402
 from vitad.featurebank import FeatureBank, bank_info, extract_category, extract_settings, write_bank  # noqa: E402
-from vitad.model import fit_model, read_model, write_model  # noqa: E402
+from vitad.serving.model import fit_model, read_model, write_model  # noqa: E402
 from vitad.params import load_params  # noqa: E402
 from vitad.runs import run_spec  # noqa: E402
 from vitad.scoring import score_bank  # noqa: E402

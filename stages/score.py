@@ -7,7 +7,7 @@ scorer on the training features of featurebanks/<backbone>/<category>.safetensor
 and image embeddings separately), score the test features and write <out>/<category>.safetensors
 with ``image_scores`` [M] (the evaluated score), ``patch_scores`` [M, h, w] and
 ``embedding_scores`` [M] (image-embedding route), plus metadata saying what produced them; and
-the fitted model <models>/<category>.safetensors (vitad/model.py: the fitted patch-level scorer,
+the fitted model <models>/<category>.safetensors (vitad/serving/model.py: the fitted patch-level scorer,
 the extractor settings and weights fingerprint, the map settings and the threshold calibrated on
 held-out training images), which ``vitad predict`` and the web demo load without re-fitting.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitad.cli import run_stage  # noqa: E402
 from vitad.featurebank import read_bank  # noqa: E402
 from vitad.io import reset_directory  # noqa: E402
-from vitad.model import fit_model, write_model  # noqa: E402
+from vitad.serving.model import fit_model, write_model  # noqa: E402
 from vitad.params import load_params, param, string_list  # noqa: E402
 from vitad.runs import run_spec  # noqa: E402
 from vitad.scorefile import write_category_scores  # noqa: E402

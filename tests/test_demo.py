@@ -1,4 +1,4 @@
-"""Web demo: the logic in vitad.demo and vitad.detector (shared with `vitad predict`), the
+"""Web demo: the logic in vitad.serving.demo and vitad.serving.detector (shared with `vitad predict`), the
 threshold calibration, and the Streamlit page driven by streamlit.testing.
 
 The served project is built by the real extract and score stages (tiny random DINOv2, tiny
@@ -22,14 +22,14 @@ from PIL import ExifTags, Image
 from streamlit.testing.v1 import AppTest
 
 from tiny_project import BACKBONE, REPO, rescore
-from vitad import demo
-from vitad.calibration import holdout_image_scores
+from vitad.serving import demo
+from vitad.serving.calibration import holdout_image_scores
 from vitad.data import index_category, split_samples
-from vitad.detector import Detector, ImageError, decode_image, results_csv
+from vitad.serving.detector import Detector, ImageError, decode_image, results_csv
 from vitad.featurebank import read_bank, write_bank
 from vitad.figures import overlay_image
 from vitad.io import load_arrays, save_arrays
-from vitad.model import ModelError, read_model
+from vitad.serving.model import ModelError, read_model
 from vitad.params import ParamsError
 from vitad.scorefile import read_category_scores
 from vitad.scoring import ScoringError, aggregate_image_scores, few_shot_indices, make_scorer

@@ -20,7 +20,7 @@ import pytest
 
 from test_demo import APP
 from tiny_project import BACKBONE, build_project
-from vitad import demo
+from vitad.serving import demo
 from vitad.data import index_category, split_samples
 
 pytestmark = pytest.mark.slow

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from tiny_project import BACKBONE, REPO
-from vitad import predict
+from vitad.serving import predict
 from vitad.__main__ import main as vitad_main
 from vitad.data import index_category, split_samples
-from vitad.detector import CSV_COLUMNS
-from vitad.model import model_path
+from vitad.serving.detector import CSV_COLUMNS
+from vitad.serving.model import model_path
 from vitad.scorefile import read_category_scores
 
 RUN = f"{BACKBONE}-knn"

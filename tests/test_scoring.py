@@ -12,7 +12,7 @@ from vitad.data import Sample
 from vitad.featurebank import read_bank, write_bank
 from vitad.heatmap import anomaly_map
 from vitad.io import load_arrays
-from vitad.model import read_model
+from vitad.serving.model import read_model
 from vitad.params import ParamsError
 from vitad.scoring import (
     SCORERS,

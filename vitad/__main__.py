@@ -1,5 +1,5 @@
 """The ``vitad`` command (``python -m vitad``): ``vitad predict ...`` scores new images with a
-fitted model (:mod:`vitad.predict`); ``vitad exps ...`` shows ``dvc exp show`` narrow
+fitted model (:mod:`vitad.serving.predict`); ``vitad exps ...`` shows ``dvc exp show`` narrow
 (:mod:`vitad.experiments`)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
         experiments.main(argv[1:])
         return 0
-    from vitad import predict  # torch and the backbones take seconds to import: only for a command
+    from vitad.serving import predict  # torch and the backbones take seconds to import: only for a command
 
     try:
         return predict.main(argv[1:])

@@ -187,7 +187,7 @@ class Scorer:
 
     def fitted_state(self) -> dict[str, np.ndarray]:
         """What the fitted scorer needs to score new features, as named arrays (a fitted model's
-        file, :mod:`vitad.model`): :meth:`restored` rebuilds a scorer that scores exactly as this one."""
+        file, :mod:`vitad.serving.model`): :meth:`restored` rebuilds a scorer that scores exactly as this one."""
         if not hasattr(self, "train_shape_"):
             raise RuntimeError(f"{type(self).__name__} used before fit")
         return {"train_shape": np.array(self.train_shape_, dtype=np.int64), **self._state()}

@@ -1,7 +1,7 @@
 """Decision thresholds calibrated on held-out TRAINING images only (no test image, no label).
 
 The score stage calibrates each run's threshold per category when it writes the fitted model
-(:mod:`vitad.model`); ``vitad predict`` and the web demo read it from there.
+(:mod:`vitad.serving.model`); ``vitad predict`` and the web demo read it from there.
 """
 
 from __future__ import annotations

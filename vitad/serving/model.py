@@ -14,7 +14,7 @@ JSON metadata:
   rounded to it, as the training features were);
 - ``sigma`` (pixels at the model input) and ``map_upsample``: patch grid -> anomaly map;
 - ``colour_scale``: the (vmin, vmax) of the pipeline's heatmap figures for this run and category;
-- ``threshold``: calibrated on held-out training images (:mod:`vitad.calibration`), with the
+- ``threshold``: calibrated on held-out training images (:mod:`vitad.serving.calibration`), with the
   held-out images' scores and files; null when there are fewer than 2 training images;
 - ``train_sizes``: the training images' (height, width), to flag new images of another size.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitad.calibration import calibrated_threshold, holdout_image_scores
+from vitad.serving.calibration import calibrated_threshold, holdout_image_scores
 from vitad.cli import StageError
 from vitad.heatmap import UPSAMPLING, anomaly_map, colour_scale
 from vitad.io import load_arrays, save_arrays

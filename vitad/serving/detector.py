@@ -1,6 +1,6 @@
 """Scoring new images with a fitted model: one code path for ``vitad predict`` and the web demo.
 
-- :func:`load_detector`: a fitted model (:mod:`vitad.model`) plus the extractor it was fitted on,
+- :func:`load_detector`: a fitted model (:mod:`vitad.serving.model`) plus the extractor it was fitted on,
   rebuilt from the model's recorded backbone settings; refused when the weights available now
   are not the weights that produced the training features (their fingerprints differ).
 - :func:`decode_image`: bytes -> RGB image the way the pipeline reads its images, refusing what
@@ -31,7 +31,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from vitad.backbones import FeatureExtractor, build_extractor
 from vitad.data import preprocess
 from vitad.featurebank import PATCH_DTYPES
-from vitad.model import FittedModel, ModelError, read_model
+from vitad.serving.model import FittedModel, ModelError, read_model
 from vitad.scoring import ScoringError
 
 # Images above this many pixels are refused before decoding (about 4096 x 4096: a 16 MP photo

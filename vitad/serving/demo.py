@@ -4,10 +4,10 @@ The demo scores uploaded images with the fitted models the pipeline wrote, never
 
 - :func:`list_runs`: the (run, backbone, category) triples with a fitted model
   (``models/<run>/<category>.safetensors``, written by the score stage) under the project root.
-- :func:`load_detector`: that model with its extractor (:func:`vitad.detector.load_detector`:
+- :func:`load_detector`: that model with its extractor (:func:`vitad.serving.detector.load_detector`:
   the weights fingerprint is checked); its threshold was calibrated on held-out TRAINING images
   by the score stage, and its colour scale is the pipeline's heatmap figures'.
-- :func:`score_upload` and :meth:`vitad.detector.Detector.score_files` (the batch mode): the
+- :func:`score_upload` and :meth:`vitad.serving.detector.Detector.score_files` (the batch mode): the
   code path of ``vitad predict``.
 """
 
@@ -24,12 +24,12 @@ from PIL import Image
 from vitad.backbones import resolve_device
 from vitad.cli import StageError
 from vitad.data import DatasetError
-from vitad.detector import DecodedImage, Detector, ImageError, ImageScore
-from vitad.detector import load_detector as load_model
+from vitad.serving.detector import DecodedImage, Detector, ImageError, ImageScore
+from vitad.serving.detector import load_detector as load_model
 from vitad.featurebank import extract_settings
 from vitad.figures import overlay_image
 from vitad.io import ArrayFileError, load_metadata
-from vitad.model import model_path
+from vitad.serving.model import model_path
 from vitad.params import ParamsError, load_params, run_names, string_list
 
 PROJECT_ENV = "VITAD_PROJECT"
@@ -115,7 +115,7 @@ def load_detector(root: str | Path, run: Run) -> Detector:
 
 def score_upload(detector: Detector, data: bytes, name: str) -> tuple[DecodedImage, ImageScore]:
     """Decode and score one uploaded file (the batch code path with one file); every reason it
-    cannot be scored is an :class:`vitad.detector.ImageError`."""
+    cannot be scored is an :class:`vitad.serving.detector.ImageError`."""
     (scored,) = detector.score_files([(name, lambda: data)], batch_size=1)
     if scored.error is not None:
         raise ImageError(scored.error)

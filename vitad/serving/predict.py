@@ -4,7 +4,7 @@
     vitad predict --run <run> --category <category> [--project DIR] IMAGES...
 
 IMAGES are files, folders (searched recursively for image files) or glob patterns. Writes one
-row per file (the web demo's CSV columns, :data:`vitad.detector.CSV_COLUMNS`), as CSV or JSON
+row per file (the web demo's CSV columns, :data:`vitad.serving.detector.CSV_COLUMNS`), as CSV or JSON
 lines, to a file (written atomically) or stdout; optionally the heatmap overlay (PNG) and the
 raw anomaly map (``.npy``, float32 [H, W] at the image's size, the run's sigma) of every image.
 A file that cannot be read, decoded or scored gets an error row; the batch goes on.
@@ -30,10 +30,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from vitad.data import IMAGE_SUFFIXES
-from vitad.detector import ScoredFile, csv_row, csv_writer, load_detector, result_record
+from vitad.serving.detector import ScoredFile, csv_row, csv_writer, load_detector, result_record
 from vitad.figures import overlay_image
 from vitad.io import atomic_path
-from vitad.model import ModelError, model_path
+from vitad.serving.model import ModelError, model_path
 
 EXIT_UNSCORED = 3
 EXIT_ANOMALOUS = 4
