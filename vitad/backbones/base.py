@@ -57,6 +57,8 @@ class FeatureExtractor:
     band j). :meth:`extract_into` writes the same features into preallocated arrays instead.
     """
 
+    input_memory_format = torch.contiguous_format  # the layout prepare() hands to the model
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -182,14 +184,16 @@ class CNNExtractor(FeatureExtractor):
     ``trunk(pixels)`` returns {layer name: [B, C, h_layer, w_layer]} for every layer of
     ``features`` (a :class:`CNNFeatures`)."""
 
+    # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
+    # and makes each [B, C, h, w] map a contiguous [B, h, w, C] patch grid.
+    input_memory_format = torch.channels_last
+
     def __init__(self, trunk: torch.nn.Module, *, features: CNNFeatures, **kwargs):
-        # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
-        # and makes each [B, C, h, w] map a contiguous [B, h, w, C] patch grid.
         super().__init__(trunk.to(memory_format=torch.channels_last), **kwargs)
         self.features = features
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return super().prepare(images).contiguous(memory_format=torch.channels_last)
+        return super().prepare(images).contiguous(memory_format=self.input_memory_format)
 
     def _model_forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(pixels)  # layer name -> [B, C, h_layer, w_layer]
@@ -206,18 +210,38 @@ class CNNExtractor(FeatureExtractor):
                     feature_map, features.local_average, stride=1, padding=features.local_average // 2,
                     count_include_pad=features.count_include_pad,
                 )
-            if tuple(feature_map.shape[-2:]) != self.grid_size:
-                align = {"align_corners": False} if features.upsample == "bilinear" else {}
-                feature_map = F.interpolate(feature_map, size=self.grid_size, mode=features.upsample, **align)
             channels = feature_map.shape[1]
-            # Each layer's channels go straight into their slice of the grid (no concatenated copy);
-            # permute: [B, C, h, w] -> [B, h, w, C].
-            _copy(patch_grid[..., offset : offset + channels], feature_map.permute(0, 2, 3, 1))
+            # Each layer's channels go straight into their slice of the grid (no concatenated copy).
+            destination = patch_grid[..., offset : offset + channels]  # [B, h, w, C]
+            factors = self._nearest_factors(feature_map)
+            if factors is not None:
+                # Nearest upsampling by integer factors repeats each value over an fh x fw block:
+                # written through a blocked view of the grid, with no upsampled map in between.
+                (factor_h, factor_w), (height, width) = factors, feature_map.shape[-2:]
+                blocks = destination.unflatten(2, (width, factor_w)).unflatten(1, (height, factor_h))  # [B, h, fh, w, fw, C]
+                # [B, C, h, w] -> [B, h, 1, w, 1, C], broadcast over the blocks
+                _copy(blocks, feature_map.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(blocks.shape))
+            else:
+                if tuple(feature_map.shape[-2:]) != self.grid_size:
+                    align = {"align_corners": False} if features.upsample == "bilinear" else {}
+                    feature_map = F.interpolate(feature_map, size=self.grid_size, mode=features.upsample, **align)
+                _copy(destination, feature_map.permute(0, 2, 3, 1))  # [B, C, h, w] -> [B, h, w, C]
             if features.image_embedding == "mean":
+                # every value fills as many cells of the grid: the upsampled map's mean up to float32 rounding
                 _copy(image_embeddings[:, offset : offset + channels], feature_map.mean(dim=(2, 3)))
             offset += channels
         if features.image_embedding == "pooled":
             _copy(image_embeddings, feature_maps[features.layers[-1]].mean(dim=(2, 3)))
+
+    def _nearest_factors(self, feature_map: torch.Tensor) -> tuple[int, int] | None:
+        """(fh, fw) when ``feature_map`` reaches the grid by nearest upsampling with integer
+        factors greater than one (each source value then fills an fh x fw block), else None."""
+        (height, width), (grid_height, grid_width) = feature_map.shape[-2:], self.grid_size
+        if self.features.upsample != "nearest" or (height, width) == self.grid_size:
+            return None
+        if grid_height % height or grid_width % width:
+            return None
+        return grid_height // height, grid_width // width
 
 
 class ViTExtractor(FeatureExtractor):
