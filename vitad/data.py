@@ -153,17 +153,24 @@ def sample_mask(root: str | Path, sample: Sample) -> np.ndarray:
     return load_mask(Path(root) / sample.mask_path, sample.original_size)
 
 
+# (x / 255 - mean) / std as one multiply-add: x * 1 / (255 std) - mean / std, in float32.
+PIXEL_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32)
+PIXEL_OFFSET = np.array([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dtype=np.float32)
+
+
 def preprocess(image: Image.Image, size: int) -> "torch.Tensor":
     """RGB PIL image -> float tensor [3, size, size]: resize WITHOUT centre crop (defects sit at
     borders too), scale to [0, 1], ImageNet mean/std normalisation."""
     import torch  # imported here so that stages which only read metadata stay torch-free
 
-    resized = image.resize((size, size), Image.BILINEAR)
-    pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # uint8 [S, S, 3] -> [3, S, S]
-    # (x / 255 - mean) / std as one multiply-add: x * 1 / (255 std) - mean / std.
-    scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(3, 1, 1)
-    offset = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
-    return pixels.float().mul_(scale).sub_(offset)
+    resized = np.array(image.resize((size, size), Image.BILINEAR))  # uint8 [S, S, 3]
+    # numpy, not torch: the extract stage's decoding threads run this, and a torch op there
+    # starts an OpenMP team per thread; libgomp, then counting more threads than cores,
+    # throttles the spin-waiting of the model's own team, so the forward pass would run under
+    # another OpenMP regime than without decoding threads.
+    pixels = np.multiply(resized, PIXEL_SCALE, dtype=np.float32)
+    pixels -= PIXEL_OFFSET
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # [S, S, 3] -> [3, S, S]
 
 
 class ImageDataset:
