@@ -57,8 +57,6 @@ class FeatureExtractor:
     band j). :meth:`extract_into` writes the same features into preallocated arrays instead.
     """
 
-    input_memory_format = torch.contiguous_format  # the layout prepare() hands to the model
-
     def __init__(
         self,
         model: torch.nn.Module,
@@ -184,16 +182,14 @@ class CNNExtractor(FeatureExtractor):
     ``trunk(pixels)`` returns {layer name: [B, C, h_layer, w_layer]} for every layer of
     ``features`` (a :class:`CNNFeatures`)."""
 
-    # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
-    # and makes each [B, C, h, w] map a contiguous [B, h, w, C] patch grid.
-    input_memory_format = torch.channels_last
-
     def __init__(self, trunk: torch.nn.Module, *, features: CNNFeatures, **kwargs):
+        # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
+        # and makes each [B, C, h, w] map a contiguous [B, h, w, C] patch grid.
         super().__init__(trunk.to(memory_format=torch.channels_last), **kwargs)
         self.features = features
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return super().prepare(images).contiguous(memory_format=self.input_memory_format)
+        return super().prepare(images).contiguous(memory_format=torch.channels_last)
 
     def _model_forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(pixels)  # layer name -> [B, C, h_layer, w_layer]
@@ -227,7 +223,8 @@ class CNNExtractor(FeatureExtractor):
                     feature_map = F.interpolate(feature_map, size=self.grid_size, mode=features.upsample, **align)
                 _copy(destination, feature_map.permute(0, 2, 3, 1))  # [B, C, h, w] -> [B, h, w, C]
             if features.image_embedding == "mean":
-                # every value fills as many cells of the grid: the upsampled map's mean up to float32 rounding
+                # after the blocked copy feature_map is still the coarse map; every value of it fills
+                # fh x fw cells, so its mean is the upsampled map's up to float32 rounding
                 _copy(image_embeddings[:, offset : offset + channels], feature_map.mean(dim=(2, 3)))
             offset += channels
         if features.image_embedding == "pooled":
