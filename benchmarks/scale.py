@@ -13,7 +13,9 @@ RSS is its own:
   (a sample of the WRN50 bank both can handle), through anomalib's own venv.
 
 Each stage prints wall time, CPU time, the peak RSS of its process against the memory bound
-(2 x the largest array the stage must hold + 1 GB), the bank size on disk, and the physical bound
+(2 x the largest array the stage must hold + 1 GB) and, for extraction, against that bound plus
+the model's weights (arrays the stage must also hold, once), the peak RSS of the imports and the
+model alone (before any image), the bank size on disk, and the physical bound
 it is compared with, measured in the same process: a bare forward pass for extraction, a plain
 faiss search of the same shape for kNN scoring, one pass over the training bank for coreset and
 Gaussian fits. Ratios come from wall and from CPU time: on a shared machine the CPU-time ratio is
@@ -100,6 +102,8 @@ def stage_extract(args) -> dict:
     config = dict(param(params, f"backbones.{args.backbone}", dict), image_size=args.size)
     device = resolve_device(args.device)
     extractor = build_extractor(args.backbone, config, "random", device, 0)
+    runtime_rss = _peak_rss_bytes()  # interpreter, torch, transformers / torchvision and the model
+    weights_bytes = sum(tensor.nbytes for tensor in extractor.model.state_dict().values())
     samples = index_category(args.root, CATEGORY)
     # Bare forward: the model alone on decoded, normalised batches already in memory (a sample of
     # batches, after a warm-up), as images/s.
@@ -131,9 +135,10 @@ def stage_extract(args) -> dict:
     return {"stage": f"extract {args.backbone} {args.size}px", "seconds": seconds, "cpu_seconds": cpu_seconds,
             "bound_seconds": bare_seconds, "bound_cpu_seconds": bare_cpu, "bound": "bare forward",
             "peak_rss": _peak_rss_bytes(),
-            "largest_array": largest, "bank_bytes": out.stat().st_size,
+            "largest_array": largest, "weights_bytes": weights_bytes, "bank_bytes": out.stat().st_size,
             "note": f"{len(samples)} images, grid {extractor.grid_size[0]}x{extractor.grid_size[1]}, "
-                    f"dim {extractor.patch_dim}, {device.type}"}
+                    f"dim {extractor.patch_dim}, {device.type}; imports + model peak {runtime_rss / GB:.2f} GB, "
+                    f"weights {weights_bytes / GB:.2f} GB"}
 
 
 def _timed(run) -> tuple[float, float]:
@@ -332,10 +337,11 @@ def main() -> None:
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.get_num_threads()} threads, "
           f"device {args.device}")
     print("| stage | wall s | bound s | ratio | CPU s | CPU ratio | bound | peak RSS GB | memory bound GB | RSS / bound "
-          "| bank on disk GB | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| bound + weights GB | RSS / that | bank on disk GB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         memory_bound = None if "largest_array" not in result else 2 * result["largest_array"] + GB
+        with_weights = None if "weights_bytes" not in result else memory_bound + result["weights_bytes"]
         for index, row in enumerate(result.get("rows", [result])):
             whole = index == 0  # the process's own figures go on its first row
             cells = [
@@ -344,6 +350,7 @@ def main() -> None:
                 _ratio(row.get("cpu_seconds"), row.get("bound_cpu_seconds")), row.get("bound", ""),
                 _gb(result.get("peak_rss")) if whole else "", _gb(memory_bound) if whole else "",
                 _ratio(result.get("peak_rss"), memory_bound) if whole else "",
+                _gb(with_weights) if whole else "", _ratio(result.get("peak_rss"), with_weights) if whole else "",
                 _gb(result.get("bank_bytes")) if whole else "", row.get("note", ""),
             ]
             print("| " + " | ".join(cells) + " |")

@@ -92,6 +92,24 @@ def test_mae_loads_a_pretraining_checkpoint_like_the_hub_one(tmp_path):
     assert extractor.grid_size == (4, 4)
 
 
+@pytest.mark.parametrize("weights", ["random", "pretrained"])
+@pytest.mark.parametrize("family", ["dinov2", "mae"])
+def test_vits_run_fused_attention_with_eager_attentions_features(tmp_path, family, weights):
+    """Eager attention holds [B, heads, T, T] weights (0.4 GB per tensor for DINOv2-B at 448 px,
+    batch 8); the extractors pin torch's fused attention, which gives the same features."""
+    config = _vit(family, 32, config={"patch_size": 8, "image_size": 32})
+    if weights == "pretrained":
+        build_extractor("vit", config, "random", seed=0).model.save_pretrained(tmp_path / "vit")
+        config = {"family": family, "pretrained": str(tmp_path / "vit"), "image_size": 32}
+    extractor = build_extractor("vit", config, weights, seed=0)
+    assert extractor.model.config._attn_implementation == "sdpa"
+    images = _images(2, 32)
+    fused = extractor(images)
+    extractor.model.config._attn_implementation = "eager"
+    for fused_features, eager_features in zip(fused, extractor(images)):
+        torch.testing.assert_close(fused_features, eager_features, rtol=1e-5, atol=1e-5)
+
+
 def test_random_weights_are_seeded_and_recorded():
     first = build_extractor("dino", _vit("dinov2", 28), "random", seed=3)
     second = build_extractor("dino", _vit("dinov2", 28), "random", seed=3)
