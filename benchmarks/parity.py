@@ -287,7 +287,7 @@ def coreset_randomness(recipes: dict, data: Path, reference_dir: Path, category:
 
 def print_coreset_randomness(results: dict) -> None:
     print("\nPatchCore coreset randomness on identical features (anomalib's random-WRN50 memory bank and test "
-          "embedding;\neach selection drawn with seeds 0..K-1 and scored by vitad's scorer; mean ± sd [min, max]):")
+          "embedding;\neach selection drawn with seeds 0..K-1; anomalib's scored by anomalib, vitad's by vitad; mean ± sd [min, max]):")
     header = f"{'category':8} {'selection':22} {'dims':>4} {'seeds':>5} | {'image AUROC':^26} | {'pixel AUROC':^26} | {'AU-PRO':^26}"
     print(header + "\n" + "-" * len(header))
     for category, result in results.items():
