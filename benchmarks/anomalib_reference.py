@@ -256,10 +256,11 @@ def predict(module, cat_dir: Path, paths: list[str], bs: int) -> tuple[np.ndarra
     return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
 
-def run_category(recipe: str, module, cat_dir: Path, train: list[str], test: list[str], bs: int) -> dict:
+def run_category(recipe: str, module, cat_dir: Path, train: list[str], test: list[str], bs: int,
+                 keep_patch_bank: bool = False) -> dict:
     """Feed training batches as training_step does, call the module's fit() (coreset /
     Gaussian, anomalib's own), then score the test set with the model in eval mode. For
-    PatchCore, ``patch_bank`` is the memory bank before the coreset."""
+    PatchCore with ``keep_patch_bank``, ``patch_bank`` is the memory bank before the coreset."""
     transform = module.pre_processor.transform
     t0 = time.perf_counter()
     module.train()
@@ -268,7 +269,7 @@ def run_category(recipe: str, module, cat_dir: Path, train: list[str], test: lis
         for batch in batches(cat_dir, train, transform, bs):
             module.model(batch)
         n_patches = sum(e.shape[0] for e in getattr(module.model, "embedding_store", []))
-        if n_patches:
+        if n_patches and keep_patch_bank:
             patch_bank = torch.vstack(module.model.embedding_store)  # what fit() subsamples [N, D]
         module.fit()
     fit_seconds = time.perf_counter() - t0
@@ -390,7 +391,8 @@ def main() -> None:
                     weights_dir.mkdir(parents=True, exist_ok=True)
                     torch.save(lite0_package_state_dict(), weights_dir / "patchcore_tf_efficientnet_lite0.pth")
             digest = backbone_digest(module)
-            info = run_category(recipe, module, cat_dir, train, test, args.batch_size)
+            keep_patch_bank = bool(args.coreset_seeds) and recipe == "patchcore"  # random WRN50: where the draw matters
+            info = run_category(recipe, module, cat_dir, train, test, args.batch_size, keep_patch_bank)
             (args.out / recipe).mkdir(parents=True, exist_ok=True)
             np.savez_compressed(
                 args.out / recipe / f"{category}.npz",
@@ -399,7 +401,7 @@ def main() -> None:
                 anomaly_maps=info["anomaly_maps"].astype(np.float32),
                 fit_seconds=np.float64(info["fit_seconds"]), test_seconds=np.float64(info["test_seconds"]),
                 image_size=np.int64(size))
-            if args.coreset_seeds and recipe == "patchcore":  # random WRN50: where the coreset draw matters
+            if keep_patch_bank:
                 np.savez(args.out / recipe / f"{category}.coresets.npz",
                          **coreset_seeds(module, info["patch_bank"], cat_dir, test, args.batch_size, args.coreset_seeds))
             meta = {k: v for k, v in info.items() if k not in ("pred_scores", "anomaly_maps", "patch_bank")}

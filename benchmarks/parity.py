@@ -268,20 +268,19 @@ def coreset_randomness(recipes: dict, data: Path, reference_dir: Path, category:
     # coreset at anomalib's dimension.
     projections = {"vitad greedy_coreset": section["coreset_projection_dim"],
                    "vitad, anomalib's dims": anomalib_projection_dim(len(bank))}
-    result = {"anomalib KCenterGreedy": [], **{name: [] for name in projections}, "scoring_max_rel_diff": [0.0, 0.0],
-              "projection_dims": projections}
+    result = {"anomalib KCenterGreedy": [], **{name: [] for name in projections}, "projection_dims": projections}
+    score_differences, map_differences = [], []
     for seed in seeds:
         their_scores, their_maps = dump[f"pred_scores_{seed}"], dump[f"anomaly_maps_{seed}"]
         our_scores, our_maps = scored(dump[f"idx_{seed}"])
-        result["scoring_max_rel_diff"] = [
-            max(result["scoring_max_rel_diff"][0], float(np.max(np.abs(our_scores - their_scores) / np.abs(their_scores)))),
-            max(result["scoring_max_rel_diff"][1], float(np.max(np.abs(our_maps - their_maps)) / np.max(np.abs(their_maps)))),
-        ]
+        score_differences.append(float(np.max(np.abs(our_scores - their_scores) / np.abs(their_scores))))
+        map_differences.append(float(np.max(np.abs(our_maps - their_maps)) / np.max(np.abs(their_maps))))
         result["anomalib KCenterGreedy"].append(_metrics(labels, their_scores, masks, their_maps))
         for name, projection_dim in projections.items():
             our_scores, our_maps = scored(greedy_coreset(bank, section["coreset_ratio"], seed, projection_dim))
             result[name].append(_metrics(labels, our_scores, masks, our_maps))
         print(f"coreset seed {seed} / {category}: done", flush=True)
+    result["scoring_max_rel_diff"] = [max(score_differences), max(map_differences)]
     return result
 
 
