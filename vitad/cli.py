@@ -6,17 +6,15 @@ import os
 import sys
 from typing import Callable
 
-from vitad.data import DatasetError
-from vitad.io import ArrayFileError
-from vitad.params import ParamsError
-from vitad.scorefile import ScoresError
+from vitad.errors import InputError
 
 
 class StageError(RuntimeError):
     """A stage cannot proceed; the message says which file or parameter and what to do."""
 
 
-EXPECTED_ERRORS = (ParamsError, DatasetError, StageError, ScoresError, ArrayFileError, FileNotFoundError)
+# InputError: ParamsError, DatasetError, ScoresError, ArrayFileError (vitad.errors says why a base class)
+EXPECTED_ERRORS = (InputError, StageError, FileNotFoundError)
 
 
 def run_stage(main: Callable[[], None]) -> None:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vitad.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -27,7 +29,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """The dataset on disk does not have the expected MVTec layout or content."""
 
 

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from vitad.errors import InputError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -61,7 +63,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-class ArrayFileError(ValueError):
+class ArrayFileError(InputError):
     """An array file exists but cannot be read (truncated, not safetensors, bad metadata)."""
 
 

@@ -7,8 +7,10 @@ from typing import Any
 
 import yaml
 
+from vitad.errors import InputError
 
-class ParamsError(ValueError):
+
+class ParamsError(InputError):
     """A params.yaml key is missing or has the wrong type or value."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vitad.data import Sample
+from vitad.errors import InputError
 from vitad.heatmap import UPSAMPLING, anomaly_map
 from vitad.io import load_arrays, save_arrays
 
@@ -25,7 +26,7 @@ METADATA_KEYS = (
 )
 
 
-class ScoresError(ValueError):
+class ScoresError(InputError):
     """A score file is missing, malformed, or disagrees with the dataset or with other score files."""
 
 
