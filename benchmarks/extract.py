@@ -4,8 +4,8 @@ For each backbone (random weights, as params.yaml describes it, at --image-size)
 of the default dataset:
 
 - bare:     the model's forward alone on pre-decoded, pre-normalised batches already in memory;
-- pipeline: what the stage runs on the same images — extract_split (decoding, resizing,
-            normalisation, post-processing, copies into the bank arrays) plus write_bank.
+- pipeline: what the stage runs on the same images — extract_bank (decoding, resizing,
+            normalisation, post-processing, each batch's features written to the bank file).
 
 Prints images/s of both and their ratio (target >= 0.90). Best of --repeats runs each, bare and
 pipeline runs interleaved, since other processes may compete for the CPU; the paired ratio is the
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitad import synthetic  # noqa: E402
 from vitad.backbones import build_extractor, resolve_device  # noqa: E402
 from vitad.data import ImageDataset, collate, index_category  # noqa: E402
-from vitad.featurebank import bank_info, extract_category, extract_settings, write_bank  # noqa: E402
+from vitad.featurebank import bank_info, extract_bank, extract_settings  # noqa: E402
 from vitad.params import load_params, param  # noqa: E402
 
 
@@ -72,9 +72,8 @@ def _bare(extractor, batches: list[torch.Tensor]) -> None:
         torch.cuda.synchronize()
 
 
-def _pipeline(extractor, root: Path, samples, batch_size: int, patch_dtype: str, out: Path, info: dict) -> None:
-    bank = extract_category(extractor, root, samples, batch_size, patch_dtype=patch_dtype, progress=False)
-    write_bank(out, **bank, info=info)
+def _pipeline(extractor, root: Path, samples, batch_size: int, out: Path, info: dict) -> None:
+    extract_bank(out, extractor, root, samples, batch_size, info, progress=False)
 
 
 def main() -> None:
@@ -116,7 +115,7 @@ def main() -> None:
                 out.unlink(missing_ok=True)
                 pipeline_runs.append(
                     _timed(
-                        lambda: _pipeline(extractor, root, samples, args.batch_size, settings.patch_dtype, out, info)
+                        lambda: _pipeline(extractor, root, samples, args.batch_size, out, info)
                     )
                 )
             bare = tuple(map(min, zip(*bare_runs)))  # best wall, best CPU

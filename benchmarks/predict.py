@@ -4,7 +4,7 @@
    score stage's code (:func:`vitad.scoring.score_bank`, :func:`vitad.serving.model.fit_model`) on the
    default dataset's training set (--train-images), then a folder of --images new generated
    images, scored by predict's code path (:meth:`vitad.serving.detector.Detector.score_files` with
-   CSV rows) and extracted by the extract stage's code path (extract_category + write_bank).
+   CSV rows) and extracted by the extract stage's code path (extract_bank).
    Prints images/s of both and their ratio (target >= 0.90), best of --repeats interleaved runs,
    the ratio as the median of paired runs. Model loading and process start are excluded on both
    sides. predict also searches the memory bank: the bank of the default training set is small;
@@ -39,7 +39,7 @@ from vitad.serving import demo  # noqa: E402
 from vitad.backbones import build_extractor  # noqa: E402
 from vitad.data import index_category  # noqa: E402
 from vitad.serving.detector import Detector, csv_row, csv_writer, load_detector, result_record  # noqa: E402
-from vitad.featurebank import FeatureBank, bank_info, extract_category, extract_settings, write_bank  # noqa: E402
+from vitad.featurebank import FeatureBank, bank_info, extract_bank, extract_category, extract_settings  # noqa: E402
 from vitad.serving.model import fit_model, read_model, write_model  # noqa: E402
 from vitad.params import load_params  # noqa: E402
 from vitad.runs import run_spec  # noqa: E402
@@ -86,10 +86,9 @@ def _predict(detector: Detector, files: list[Path], batch_size: int) -> None:
 
 
 def _extract(extractor, params: dict, backbone: str, root: Path, out: Path, batch_size: int) -> None:
-    bank = _bank(extractor, params, backbone, root, batch_size)
-    write_bank(out, **{name: getattr(bank, name) for name in (
-        "train_embeddings", "train_patches", "test_embeddings", "test_patches", "train_samples", "test_samples")},
-        info=bank.info)
+    settings = extract_settings(params)
+    info = bank_info(backbone, CATEGORY, params["backbones"][backbone], params["weights"], extractor, settings.patch_dtype)
+    extract_bank(out, extractor, root, index_category(root, CATEGORY), batch_size, info, progress=False)
 
 
 def _timed(run) -> float:

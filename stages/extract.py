@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitad.backbones import WEIGHTS_MODES, build_extractor, resolve_device  # noqa: E402
 from vitad.cli import run_stage  # noqa: E402
 from vitad.data import index_category  # noqa: E402
-from vitad.featurebank import bank_info, extract_category, extract_settings, write_bank  # noqa: E402
+from vitad.featurebank import bank_info, extract_bank, extract_settings  # noqa: E402
 from vitad.params import load_params, param  # noqa: E402
 
 
@@ -38,20 +38,17 @@ def main(argv: list[str] | None = None) -> None:
     extractor = build_extractor(args.backbone, backbone_config, weights, device, settings.seed)
 
     samples = index_category(args.data, args.category)
-    start = time.perf_counter()
-    bank = extract_category(
-        extractor, args.data, samples, settings.batch_size,
-        patch_dtype=settings.patch_dtype, desc=f"{args.backbone}/{args.category}",
-    )
-    elapsed = time.perf_counter() - start
     info = bank_info(args.backbone, args.category, backbone_config, weights, extractor, settings.patch_dtype)
-    write_bank(args.out, **bank, info=info)
+    start = time.perf_counter()
+    extract_bank(args.out, extractor, args.data, samples, settings.batch_size, info,
+                 desc=f"{args.backbone}/{args.category}")
+    elapsed = time.perf_counter() - start
     print(
         f"{args.backbone}/{args.category}: {len(samples)} images in {elapsed:.1f} s = "
         f"{len(samples) / elapsed:.2f} img/s "
         f"({device.type}, {extractor.precision}, batch {settings.batch_size}, "
         f"{extractor.weights_info['mode']} weights: {extractor.weights_info['source']}); grid {extractor.grid_size[0]}x{extractor.grid_size[1]}, "
-        f"patch dim {bank['train_patches'].shape[-1]} -> {args.out}"
+        f"patch dim {extractor.patch_dim} -> {args.out}"
     )
 
 

@@ -195,6 +195,40 @@ def test_extract_split_casts_patches_to_the_storage_dtype(tiny_dataset, extracto
     assert embeddings.dtype == np.float32 and patches.dtype == np.float16
 
 
+def test_extract_bank_streams_the_bytes_extract_category_and_write_bank_write(tmp_path, tiny_dataset, extractor):
+    """Batches straddling train and test, float16 patches: the bank written batch by batch is the
+    in-memory route's file byte for byte."""
+    samples = index_category(tiny_dataset, "washer")
+    n_train = len(split_samples(samples, "train"))
+    batch_size = 2 if n_train % 2 else 4
+    assert n_train % batch_size and len(samples) > n_train + batch_size
+    info = bank_info("dinov2_vitb14", "washer", TINY_DINOV2, "random", extractor, "float16")
+    featurebank.extract_bank(tmp_path / "streamed.safetensors", extractor, tiny_dataset, samples, batch_size, info,
+                             progress=False)
+    whole = featurebank.extract_category(extractor, tiny_dataset, samples, batch_size, patch_dtype="float16",
+                                         progress=False)
+    write_bank(tmp_path / "whole.safetensors", **whole, info=info)
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
+def test_extract_bank_fails_on_inf_features_leaving_the_old_bank(tmp_path, tiny_dataset, extractor, monkeypatch):
+    path = tmp_path / "bank.safetensors"
+    path.write_bytes(b"the previous run's bank")
+    extract_into = extractor.extract_into
+
+    def overflowing(images, embeddings, patches):
+        extract_into(images, embeddings, patches)
+        patches[-1, 0, 0, 0] = float("inf")
+
+    monkeypatch.setattr(extractor, "extract_into", overflowing)
+    info = bank_info("dinov2_vitb14", "weave", TINY_DINOV2, "random", extractor, "float16")
+    with pytest.raises(ValueError, match=r"bank\.safetensors: (train|test)_patches holds inf/NaN"):
+        featurebank.extract_bank(path, extractor, tiny_dataset, index_category(tiny_dataset, "weave"), 3, info,
+                                 progress=False)
+    assert path.read_bytes() == b"the previous run's bank"
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["bank.safetensors"]
+
+
 def test_bank_info_records_the_weights(extractor):
     info = bank_info("dinov2_vitb14", "mesh", TINY_DINOV2, "random", extractor, "float16")
     assert info["weights_info"] == {

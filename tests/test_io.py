@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from vitad import io
-from vitad.io import ArrayFileError, load_arrays, open_arrays, save_arrays
+from vitad.io import ArrayFileError, create_arrays, load_arrays, open_arrays, save_arrays
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -86,3 +86,23 @@ def test_truncated_file_names_the_file(tmp_path):
         load_arrays(path)
     with pytest.raises(ArrayFileError, match="a.safetensors"):
         open_arrays(path)
+
+
+def test_create_arrays_writes_save_arrays_bytes_row_range_by_row_range_or_nothing(tmp_path):
+    rng = np.random.default_rng(7)
+    arrays = {"patches": rng.standard_normal((7, 3, 5), dtype=np.float32), "scores": rng.standard_normal((4, 6))}
+    dtypes = {"patches": np.float16, "scores": np.float32}
+    shapes = {name: array.shape for name, array in arrays.items()}
+    save_arrays(tmp_path / "saved.safetensors", arrays, {"run": 1}, dtypes=dtypes)
+    with create_arrays(tmp_path / "created.safetensors", shapes, dtypes, {"run": 1}) as writer:
+        writer.write("patches", 3, arrays["patches"][3:])  # any order; converted to float16 on the way
+        writer.write("patches", 0, arrays["patches"][:3])
+        writer.write("scores", 0, arrays["scores"])
+    assert (tmp_path / "created.safetensors").read_bytes() == (tmp_path / "saved.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"rows not written exactly once: \{'patches': 4, 'scores': 4\}"):
+        with create_arrays(tmp_path / "partial.safetensors", shapes, dtypes) as writer:
+            writer.write("patches", 0, arrays["patches"][:3])
+    with pytest.raises(ValueError, match="do not fit array 'scores'"):
+        with create_arrays(tmp_path / "partial.safetensors", shapes, dtypes) as writer:
+            writer.write("scores", 2, arrays["scores"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["created.safetensors", "saved.safetensors"]

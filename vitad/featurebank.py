@@ -16,14 +16,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from vitad.cli import StageError
 from vitad.data import ImageDataset, Sample, collate, split_samples
-from vitad.io import load_arrays, open_arrays, save_arrays
+from vitad.io import create_arrays, load_arrays, open_arrays, save_arrays
 from vitad.params import ParamsError, param, positive_int
 
 if TYPE_CHECKING:  # reading a bank needs neither torch nor the backbones (seconds to import)
@@ -157,18 +157,82 @@ def extract_split(
         raise ValueError(f"no images to extract under {root}")
     embeddings = np.empty((len(samples), extractor.embedding_dim), dtype=np.float32)
     patches = np.empty((len(samples), *extractor.grid_size, extractor.patch_dim), dtype=PATCH_DTYPES[patch_dtype])
+
+    def write(rows: slice, images: torch.Tensor) -> None:
+        # Features land directly in the bank arrays, cast to the storage dtype on the way.
+        extractor.extract_into(images, torch.from_numpy(embeddings[rows]), torch.from_numpy(patches[rows]))
+
+    _extract_batches(extractor, root, samples, batch_size, write, num_workers=num_workers, progress=progress, desc=desc)
+    return embeddings, patches
+
+
+def _extract_batches(
+    extractor: FeatureExtractor,
+    root: str | Path,
+    samples: Sequence[Sample],
+    batch_size: int,
+    write: Callable[[slice, "torch.Tensor"], None],
+    *,
+    num_workers: int | None,
+    progress: bool,
+    desc: str | None,
+) -> None:
+    """Decode ``samples`` in batches, in order, and hand each batch to ``write(rows, images)``
+    (rows: the batch's slice of ``samples``), with a progress bar."""
     start = 0
     with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress) as bar:
-        batches = _decoded_batches(root, samples, extractor.image_size, batch_size, extractor.device, num_workers)
-        for images, _ in batches:
-            stop = start + len(images)
-            # Features land directly in the bank arrays, cast to the storage dtype on the way.
-            extractor.extract_into(
-                images, torch.from_numpy(embeddings[start:stop]), torch.from_numpy(patches[start:stop])
-            )
-            start = stop
+        for images, _ in _decoded_batches(root, samples, extractor.image_size, batch_size, extractor.device, num_workers):
+            write(slice(start, start + len(images)), images)
+            start += len(images)
             bar.update(len(images))
-    return embeddings, patches
+
+
+def extract_bank(
+    path: str | Path,
+    extractor: FeatureExtractor,
+    root: str | Path,
+    samples: Sequence[Sample],
+    batch_size: int,
+    info: dict,
+    *,
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> None:
+    """Extract one category's index (train and test samples, one pass) into the bank file
+    ``path``: the file :func:`extract_category` + :func:`write_bank` write, byte for byte, but
+    each batch's features go to the file as they are computed (:func:`vitad.io.create_arrays`),
+    so the stage holds one batch of features instead of the whole bank (at full MVTec size and
+    448 px, a ViT-B's bank is larger than its weights). Atomic, like :func:`write_bank`: an error
+    (inf/NaN features included) leaves no file and any earlier bank at ``path`` untouched."""
+    import torch
+
+    patch_dtype = _checked_info(path, info)
+    train, test = split_samples(samples, "train"), split_samples(samples, "test")
+    counts = {"train": len(train), "test": len(test)}
+    shapes, dtypes = {}, {}
+    for split, count in counts.items():
+        shapes[f"{split}_embeddings"], dtypes[f"{split}_embeddings"] = (count, extractor.embedding_dim), np.float32
+        shapes[f"{split}_patches"] = (count, *extractor.grid_size, extractor.patch_dim)
+        dtypes[f"{split}_patches"] = patch_dtype
+    embeddings = np.empty((batch_size, extractor.embedding_dim), dtype=np.float32)  # one batch's features
+    patches = np.empty((batch_size, *extractor.grid_size, extractor.patch_dim), dtype=patch_dtype)
+    with create_arrays(path, shapes, dtypes, _bank_metadata(info, train, test), check=_finite_check(path)) as writer:
+
+        def write(rows: slice, images: torch.Tensor) -> None:
+            count = rows.stop - rows.start
+            extractor.extract_into(images, torch.from_numpy(embeddings[:count]), torch.from_numpy(patches[:count]))
+            # the batch's train rows, then its test rows (train samples come first)
+            for split, first, last in (("train", rows.start, min(rows.stop, len(train))),
+                                       ("test", max(rows.start, len(train)), rows.stop)):
+                if first < last:
+                    batch_rows = slice(first - rows.start, last - rows.start)
+                    offset = 0 if split == "train" else len(train)
+                    writer.write(f"{split}_embeddings", first - offset, embeddings[batch_rows])
+                    writer.write(f"{split}_patches", first - offset, patches[batch_rows])
+
+        _extract_batches(extractor, root, train + test, batch_size, write, num_workers=num_workers,
+                         progress=progress, desc=desc)
 
 
 def extract_category(
@@ -254,6 +318,24 @@ def write_bank(
     info: dict,
 ) -> None:
     """Write a bank atomically; patches are stored in ``info["patch_dtype"]``."""
+    patch_dtype = _checked_info(path, info)
+    _check_split("train", train_embeddings, train_patches, train_samples)
+    _check_split("test", test_embeddings, test_patches, test_samples)
+    if train_patches.shape[1:] != test_patches.shape[1:] or train_embeddings.shape[1] != test_embeddings.shape[1]:
+        raise ValueError(
+            f"{path}: train and test feature shapes differ ({train_patches.shape[1:]} vs {test_patches.shape[1:]})"
+        )
+    dtypes = {"train_embeddings": np.float32, "train_patches": patch_dtype, "test_embeddings": np.float32,
+              "test_patches": patch_dtype}
+    arrays = {"train_embeddings": train_embeddings, "train_patches": train_patches,
+              "test_embeddings": test_embeddings, "test_patches": test_patches}
+    # Converted to the stored dtypes and checked chunk by chunk while written: no second copy.
+    save_arrays(path, arrays, _bank_metadata(info, train_samples, test_samples), dtypes=dtypes,
+                check=_finite_check(path))
+
+
+def _checked_info(path: str | Path, info: dict) -> np.dtype:
+    """The stored patch dtype, after checking that ``info`` has every key a bank records."""
     missing = [key for key in INFO_KEYS if key not in info]
     if missing:
         raise ValueError(f"{path}: bank info lacks {', '.join(missing)}")
@@ -261,15 +343,19 @@ def write_bank(
         raise ParamsError(
             f"params.yaml: extract.patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {info['patch_dtype']!r}"
         )
-    _check_split("train", train_embeddings, train_patches, train_samples)
-    _check_split("test", test_embeddings, test_patches, test_samples)
-    if train_patches.shape[1:] != test_patches.shape[1:] or train_embeddings.shape[1] != test_embeddings.shape[1]:
-        raise ValueError(
-            f"{path}: train and test feature shapes differ ({train_patches.shape[1:]} vs {test_patches.shape[1:]})"
-        )
-    patch_dtype = PATCH_DTYPES[info["patch_dtype"]]
-    dtypes = {"train_embeddings": np.float32, "train_patches": patch_dtype, "test_embeddings": np.float32,
-              "test_patches": patch_dtype}
+    return np.dtype(PATCH_DTYPES[info["patch_dtype"]])
+
+
+def _bank_metadata(info: dict, train_samples: Sequence[Sample], test_samples: Sequence[Sample]) -> dict:
+    return {
+        "info": info,
+        "train_samples": [sample.to_dict() for sample in train_samples],
+        "test_samples": [sample.to_dict() for sample in test_samples],
+    }
+
+
+def _finite_check(path: str | Path) -> Callable[[str, np.ndarray], None]:
+    """A chunk check for :func:`vitad.io.save_arrays` / ``create_arrays``: no inf/NaN stored."""
 
     def check_finite(name: str, stored_chunk: np.ndarray) -> None:
         if not _all_finite(stored_chunk):
@@ -279,15 +365,7 @@ def write_bank(
                    if stored_chunk.dtype == np.float16 else "")
             )
 
-    metadata = {
-        "info": info,
-        "train_samples": [sample.to_dict() for sample in train_samples],
-        "test_samples": [sample.to_dict() for sample in test_samples],
-    }
-    arrays = {"train_embeddings": train_embeddings, "train_patches": train_patches,
-              "test_embeddings": test_embeddings, "test_patches": test_patches}
-    # Converted to the stored dtypes and checked chunk by chunk while written: no second copy.
-    save_arrays(path, arrays, metadata, dtypes=dtypes, check=check_finite)
+    return check_finite
 
 
 def read_bank(path: str | Path, mmap: bool = False) -> FeatureBank:

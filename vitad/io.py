@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -112,6 +113,31 @@ def _row_chunks(array: np.ndarray, itemsize: int) -> Iterator[slice]:
         yield slice(start, min(start + step, rows))
 
 
+def _layout(
+    path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype], metadata: dict | None
+) -> tuple[bytes, list[str], dict[str, int]]:
+    """(encoded header, array names in file order, byte offset of each array from the start of
+    the data) of a safetensors file holding arrays of these shapes and dtypes."""
+    for name, dtype in dtypes.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: array {name!r} has dtype {dtype}, which safetensors does not store here")
+    order = sorted(shapes, key=lambda name: (_SAFETENSORS_DTYPES[dtypes[name]][1], name))
+    header: dict[str, Any] = {"__metadata__": {"json": json.dumps(metadata or {}, sort_keys=True)}}
+    offsets, offset = {}, 0
+    for name in order:
+        size = int(np.prod(shapes[name], dtype=np.int64)) * dtypes[name].itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtypes[name]][0],
+            "shape": list(shapes[name]),
+            "data_offsets": [offset, offset + size],
+        }
+        offsets[name] = offset
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return encoded, order, offsets
+
+
 def save_arrays(
     path: str | os.PathLike,
     arrays: dict[str, np.ndarray],
@@ -129,22 +155,8 @@ def save_arrays(
     """
     dtypes = {name: np.dtype(dtypes[name]) if dtypes and name in dtypes else np.asarray(array).dtype
               for name, array in arrays.items()}
-    for name, dtype in dtypes.items():
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: array {name!r} has dtype {dtype}, which safetensors does not store here")
-    order = sorted(arrays, key=lambda name: (_SAFETENSORS_DTYPES[dtypes[name]][1], name))
-    header: dict[str, Any] = {"__metadata__": {"json": json.dumps(metadata or {}, sort_keys=True)}}
-    offset = 0
-    for name in order:
-        size = int(np.asarray(arrays[name]).size) * dtypes[name].itemsize
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtypes[name]][0],
-            "shape": list(np.shape(arrays[name])),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
+    shapes = {name: np.shape(array) for name, array in arrays.items()}
+    encoded, order, _ = _layout(path, shapes, dtypes, metadata)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
@@ -156,6 +168,83 @@ def save_arrays(
                 if check is not None:
                     check(name, chunk)
                 handle.write(memoryview(chunk.reshape(-1)).cast("B"))
+
+
+class ArrayWriter:
+    """The arrays of a file :func:`create_arrays` is writing, filled a range of rows at a time."""
+
+    def __init__(self, path: Path, mapping: mmap.mmap | None, data_start: int, offsets: dict[str, int],
+                 shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype], check: ChunkCheck | None):
+        self.path, self._mapping, self._data_start = path, mapping, data_start
+        self._offsets, self._shapes, self._dtypes, self._check = offsets, shapes, dtypes, check
+        self._rows_written = dict.fromkeys(shapes, 0)
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        """Rows ``start : start + len(values)`` of array ``name`` <- ``values`` (converted to the
+        stored dtype), shown to the check, then dropped from this process's memory: the rows stay
+        in the page cache, on their way to the file, so a file larger than memory can be written."""
+        shape, dtype = self._shapes[name], self._dtypes[name]
+        if values.shape[1:] != tuple(shape[1:]) or not 0 <= start <= start + len(values) <= shape[0]:
+            raise ValueError(f"{self.path}: rows {start}:{start + len(values)} of shape {values.shape[1:]} do not fit "
+                             f"array {name!r} {list(shape)}")
+        if not len(values):
+            return
+        with np.errstate(over="ignore"):  # overflow to inf is the check's to report
+            stored = np.asarray(values, dtype=dtype)  # no copy when values are in the stored dtype already
+        if self._check is not None:
+            self._check(name, stored)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        begin = self._data_start + self._offsets[name] + start * row_bytes
+        # The only view of the mapping, released at once: it cannot be closed while one exists
+        # (so none may end up in an exception's traceback either).
+        np.frombuffer(self._mapping, dtype=dtype, count=stored.size, offset=begin)[:] = stored.reshape(-1)
+        page_start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        # On a shared file mapping MADV_DONTNEED only unmaps the pages; their contents stay in the
+        # page cache (written back to the file by the kernel), so neighbouring rows on a boundary
+        # page are not lost either.
+        self._mapping.madvise(mmap.MADV_DONTNEED, page_start, begin + len(values) * row_bytes - page_start)
+        self._rows_written[name] += len(values)
+
+    def missing_rows(self) -> dict[str, int]:
+        """Arrays with rows not yet written, and how many (rows written twice count twice)."""
+        return {name: self._shapes[name][0] - written for name, written in self._rows_written.items()
+                if written != (self._shapes[name][0] if self._shapes[name] else 0)}
+
+
+@contextlib.contextmanager
+def create_arrays(
+    path: str | os.PathLike,
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, np.dtype],
+    metadata: dict | None = None,
+    check: ChunkCheck | None = None,
+) -> Iterator[ArrayWriter]:
+    """Create the safetensors file :func:`save_arrays` would write for arrays of these shapes and
+    dtypes (byte-identical), its rows written as they are computed (:meth:`ArrayWriter.write`)
+    instead of from arrays held whole in memory. Atomic: the file appears at ``path`` only if
+    the block succeeds and wrote every row exactly once; otherwise no file is left."""
+    path = Path(path)
+    dtypes = {name: np.dtype(dtypes[name]) for name in shapes}
+    shapes = {name: tuple(int(size) for size in shape) for name, shape in shapes.items()}
+    if any(len(shape) == 0 for shape in shapes.values()):
+        raise ValueError(f"{path}: create_arrays writes arrays by rows; use save_arrays for scalars")
+    encoded, _, offsets = _layout(path, shapes, dtypes, metadata)
+    data_start = 8 + len(encoded)
+    size = data_start + sum(int(np.prod(shape, dtype=np.int64)) * dtypes[name].itemsize for name, shape in shapes.items())
+    with atomic_path(path) as tmp, open(tmp, "r+b") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        handle.truncate(size)
+        mapping = mmap.mmap(handle.fileno(), size)
+        try:
+            writer = ArrayWriter(path, mapping, data_start, offsets, shapes, dtypes, check)
+            yield writer
+            missing = writer.missing_rows()
+            if missing:
+                raise ValueError(f"{path}: rows not written exactly once: {missing}")
+            mapping.flush()
+        finally:
+            mapping.close()
 
 
 def _unreadable(path: Path, error: Exception) -> ArrayFileError:
