@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 import shutil
 import struct
@@ -173,42 +172,36 @@ def save_arrays(
 class ArrayWriter:
     """The arrays of a file :func:`create_arrays` is writing, filled a range of rows at a time."""
 
-    def __init__(self, path: Path, mapping: mmap.mmap | None, data_start: int, offsets: dict[str, int],
+    def __init__(self, path: Path, fd: int, data_start: int, offsets: dict[str, int],
                  shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype], check: ChunkCheck | None):
-        self.path, self._mapping, self._data_start = path, mapping, data_start
+        self.path, self._fd, self._data_start = path, fd, data_start
         self._offsets, self._shapes, self._dtypes, self._check = offsets, shapes, dtypes, check
         self._rows_written = dict.fromkeys(shapes, 0)
 
     def write(self, name: str, start: int, values: np.ndarray) -> None:
         """Rows ``start : start + len(values)`` of array ``name`` <- ``values`` (converted to the
-        stored dtype), shown to the check, then dropped from this process's memory: the rows stay
-        in the page cache, on their way to the file, so a file larger than memory can be written."""
+        stored dtype), shown to the check, then written to their place in the file (through the
+        page cache, like any write: nothing of them stays in this process)."""
         shape, dtype = self._shapes[name], self._dtypes[name]
         if values.shape[1:] != tuple(shape[1:]) or not 0 <= start <= start + len(values) <= shape[0]:
             raise ValueError(f"{self.path}: rows {start}:{start + len(values)} of shape {values.shape[1:]} do not fit "
                              f"array {name!r} {list(shape)}")
-        if not len(values):
-            return
         with np.errstate(over="ignore"):  # overflow to inf is the check's to report
-            stored = np.asarray(values, dtype=dtype)  # no copy when values are in the stored dtype already
-        if self._check is not None:
+            stored = np.ascontiguousarray(values, dtype=dtype)  # no copy when already stored dtype, contiguous
+        if self._check is not None and len(values):
             self._check(name, stored)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        begin = self._data_start + self._offsets[name] + start * row_bytes
-        # The only view of the mapping, released at once: it cannot be closed while one exists
-        # (so none may end up in an exception's traceback either).
-        np.frombuffer(self._mapping, dtype=dtype, count=stored.size, offset=begin)[:] = stored.reshape(-1)
-        page_start = begin // mmap.PAGESIZE * mmap.PAGESIZE
-        # On a shared file mapping MADV_DONTNEED only unmaps the pages; their contents stay in the
-        # page cache (written back to the file by the kernel), so neighbouring rows on a boundary
-        # page are not lost either.
-        self._mapping.madvise(mmap.MADV_DONTNEED, page_start, begin + len(values) * row_bytes - page_start)
+        data = memoryview(stored.reshape(-1)).cast("B")
+        position = self._data_start + self._offsets[name] + start * row_bytes
+        while data:  # pwrite may write less than asked
+            written = os.pwrite(self._fd, data, position)
+            data, position = data[written:], position + written
         self._rows_written[name] += len(values)
 
     def missing_rows(self) -> dict[str, int]:
         """Arrays with rows not yet written, and how many (rows written twice count twice)."""
         return {name: self._shapes[name][0] - written for name, written in self._rows_written.items()
-                if written != (self._shapes[name][0] if self._shapes[name] else 0)}
+                if written != self._shapes[name][0]}
 
 
 @contextlib.contextmanager
@@ -235,16 +228,12 @@ def create_arrays(
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         handle.truncate(size)
-        mapping = mmap.mmap(handle.fileno(), size)
-        try:
-            writer = ArrayWriter(path, mapping, data_start, offsets, shapes, dtypes, check)
-            yield writer
-            missing = writer.missing_rows()
-            if missing:
-                raise ValueError(f"{path}: rows not written exactly once: {missing}")
-            mapping.flush()
-        finally:
-            mapping.close()
+        handle.flush()
+        writer = ArrayWriter(path, handle.fileno(), data_start, offsets, shapes, dtypes, check)
+        yield writer
+        missing = writer.missing_rows()
+        if missing:
+            raise ValueError(f"{path}: rows not written exactly once: {missing}")
 
 
 def _unreadable(path: Path, error: Exception) -> ArrayFileError:
