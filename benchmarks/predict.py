@@ -54,12 +54,17 @@ def _params(backbone: str, recipe: str, overrides: dict) -> dict:
     return params
 
 
+def _info(extractor, params: dict, backbone: str) -> dict:
+    """The bank metadata the extract stage records for ``backbone`` under ``params``."""
+    patch_dtype = extract_settings(params).patch_dtype
+    return bank_info(backbone, CATEGORY, params["backbones"][backbone], params["weights"], extractor, patch_dtype)
+
+
 def _bank(extractor, params: dict, backbone: str, root: Path, batch_size: int) -> FeatureBank:
-    settings = extract_settings(params)
+    info = _info(extractor, params, backbone)
     arrays = extract_category(
-        extractor, root, index_category(root, CATEGORY), batch_size, patch_dtype=settings.patch_dtype, progress=False
+        extractor, root, index_category(root, CATEGORY), batch_size, patch_dtype=info["patch_dtype"], progress=False
     )
-    info = bank_info(backbone, CATEGORY, params["backbones"][backbone], params["weights"], extractor, settings.patch_dtype)
     return FeatureBank(**arrays, info=info)
 
 
@@ -86,9 +91,8 @@ def _predict(detector: Detector, files: list[Path], batch_size: int) -> None:
 
 
 def _extract(extractor, params: dict, backbone: str, root: Path, out: Path, batch_size: int) -> None:
-    settings = extract_settings(params)
-    info = bank_info(backbone, CATEGORY, params["backbones"][backbone], params["weights"], extractor, settings.patch_dtype)
-    extract_bank(out, extractor, root, index_category(root, CATEGORY), batch_size, info, progress=False)
+    extract_bank(out, extractor, root, index_category(root, CATEGORY), batch_size, _info(extractor, params, backbone),
+                 progress=False)
 
 
 def _timed(run) -> float:

@@ -127,7 +127,7 @@ def stage_extract(args) -> dict:
                                                        progress=False))
     # The bound keeps counting the bank's float16 patches as an array the stage holds, although
     # extract_bank writes them batch by batch: the same bound as before, so ratios compare.
-    largest = len(samples) * extractor.grid_size[0] * extractor.grid_size[1] * extractor.patch_dim * 2
+    largest = len(samples) * extractor.grid_size[0] * extractor.grid_size[1] * extractor.patch_dim * np.dtype(np.float16).itemsize
     return {"stage": f"extract {args.backbone} {args.size}px", "seconds": seconds, "cpu_seconds": cpu_seconds,
             "bound_seconds": bare_seconds, "bound_cpu_seconds": bare_cpu, "bound": "bare forward",
             "peak_rss": _peak_rss_bytes(),
