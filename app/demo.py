@@ -19,7 +19,7 @@ import streamlit as st  # noqa: E402
 
 from vitad.serving import demo  # noqa: E402
 from vitad.serving.detector import Detector, ImageError, result_record, results_csv  # noqa: E402
-from vitad.params import ParamsError  # noqa: E402
+from vitad.core.params import ParamsError  # noqa: E402
 
 GALLERY_COLUMNS = 4
 

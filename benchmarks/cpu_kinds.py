@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vitad.io import load_arrays  # noqa: E402
+from vitad.core.io import load_arrays  # noqa: E402
 
 VARIANTS = {
     "native": {},

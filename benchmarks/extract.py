@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitad import synthetic  # noqa: E402
 from vitad.backbones import build_extractor, resolve_device  # noqa: E402
-from vitad.data import ImageDataset, collate, index_category  # noqa: E402
+from vitad.core.data import ImageDataset, collate, index_category  # noqa: E402
 from vitad.featurebank import bank_info, extract_bank, extract_settings  # noqa: E402
-from vitad.params import load_params, param  # noqa: E402
+from vitad.core.params import load_params, param  # noqa: E402
 
 
 def _dataset(data: Path, category: str, params: dict, scratch: Path) -> Path:

@@ -24,11 +24,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.data import index_category, sample_mask, split_samples  # noqa: E402
+from vitad.core.data import index_category, sample_mask, split_samples  # noqa: E402
 from vitad.evaluation import evaluate_category  # noqa: E402
 from vitad.heatmap import anomaly_map  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
-from vitad.io import save_arrays  # noqa: E402
+from vitad.core.io import save_arrays  # noqa: E402
 from vitad.metrics import pixel_metrics  # noqa: E402
 
 CATEGORY = "bench"

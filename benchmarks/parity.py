@@ -62,11 +62,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from parity_weights import timm_dinov2_to_transformers  # noqa: E402
 from vitad import synthetic  # noqa: E402
 from vitad.backbones import build_extractor  # noqa: E402
-from vitad.data import index_category, sample_mask, split_samples  # noqa: E402
+from vitad.core.data import index_category, sample_mask, split_samples  # noqa: E402
 from vitad.featurebank import FeatureBank, extract_split  # noqa: E402
 from vitad.heatmap import anomaly_map  # noqa: E402
 from vitad.metrics import image_auroc, pixel_metrics  # noqa: E402
-from vitad.params import load_params  # noqa: E402
+from vitad.core.params import load_params  # noqa: E402
 from vitad.scoring import make_scorer, score_bank  # noqa: E402
 from vitad.scoring.coreset import greedy_coreset  # noqa: E402
 

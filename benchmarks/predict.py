@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitad import synthetic  # noqa: E402
 from vitad.serving import demo  # noqa: E402
 from vitad.backbones import build_extractor  # noqa: E402
-from vitad.data import index_category  # noqa: E402
+from vitad.core.data import index_category  # noqa: E402
 from vitad.serving.detector import Detector, csv_row, csv_writer, load_detector, result_record  # noqa: E402
 from vitad.featurebank import FeatureBank, bank_info, extract_bank, extract_category, extract_settings  # noqa: E402
 from vitad.serving.model import fit_model, read_model, write_model  # noqa: E402
-from vitad.params import load_params  # noqa: E402
+from vitad.core.params import load_params  # noqa: E402
 from vitad.runs import run_spec  # noqa: E402
 from vitad.scoring import score_bank  # noqa: E402
 

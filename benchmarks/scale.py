@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vitad.params import load_params, param  # noqa: E402
+from vitad.core.params import load_params, param  # noqa: E402
 
 GB = 1e9
 CATEGORY = "mesh"
@@ -95,7 +95,7 @@ def stage_extract(args) -> dict:
     import torch
 
     from vitad.backbones import build_extractor, resolve_device
-    from vitad.data import ImageDataset, collate, index_category
+    from vitad.core.data import ImageDataset, collate, index_category
     from vitad.featurebank import bank_info, extract_bank
 
     params = load_params(REPO / "params.yaml")

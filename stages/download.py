@@ -12,9 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitad import mvtec, synthetic  # noqa: E402
-from vitad.cli import run_stage  # noqa: E402
-from vitad.data import index_category  # noqa: E402
-from vitad.params import load_params, param, positive_int, string_list  # noqa: E402
+from vitad.core.cli import run_stage  # noqa: E402
+from vitad.core.data import index_category  # noqa: E402
+from vitad.core.params import load_params, param, positive_int, string_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

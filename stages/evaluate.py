@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.cli import StageError, run_stage  # noqa: E402
+from vitad.core.cli import StageError, run_stage  # noqa: E402
 from vitad.evaluation import (  # noqa: E402
     RESOLUTIONS,
     EvaluationError,
@@ -33,8 +33,8 @@ from vitad.evaluation import (  # noqa: E402
     run_info,
 )
 from vitad.scorefile import ScoresError  # noqa: E402
-from vitad.io import write_json, write_text  # noqa: E402
-from vitad.params import load_params, param, string_list  # noqa: E402
+from vitad.core.io import write_json, write_text  # noqa: E402
+from vitad.core.params import load_params, param, string_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitad.backbones import WEIGHTS_MODES, build_extractor, resolve_device  # noqa: E402
-from vitad.cli import run_stage  # noqa: E402
-from vitad.data import index_category  # noqa: E402
+from vitad.core.cli import run_stage  # noqa: E402
+from vitad.core.data import index_category  # noqa: E402
 from vitad.featurebank import bank_info, extract_bank, extract_settings  # noqa: E402
-from vitad.params import load_params, param  # noqa: E402
+from vitad.core.params import load_params, param  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.cli import run_stage  # noqa: E402
+from vitad.core.cli import run_stage  # noqa: E402
 from vitad.figures import FigureSettings, render_category_triplets  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
-from vitad.io import reset_directory  # noqa: E402
-from vitad.params import load_params, string_list  # noqa: E402
+from vitad.core.io import reset_directory  # noqa: E402
+from vitad.core.params import load_params, string_list  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.cli import StageError, run_stage  # noqa: E402
+from vitad.core.cli import StageError, run_stage  # noqa: E402
 from vitad.evaluation import EvaluationError, read_report_entries, summary_markdown  # noqa: E402
-from vitad.io import write_text  # noqa: E402
-from vitad.params import load_params, run_names  # noqa: E402
+from vitad.core.io import write_text  # noqa: E402
+from vitad.core.params import load_params, run_names  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

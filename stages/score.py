@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitad.cli import run_stage  # noqa: E402
+from vitad.core.cli import run_stage  # noqa: E402
 from vitad.featurebank import read_bank  # noqa: E402
-from vitad.io import reset_directory  # noqa: E402
+from vitad.core.io import reset_directory  # noqa: E402
 from vitad.serving.model import fit_model, write_model  # noqa: E402
-from vitad.params import load_params, param, string_list  # noqa: E402
+from vitad.core.params import load_params, param, string_list  # noqa: E402
 from vitad.runs import run_spec  # noqa: E402
 from vitad.scorefile import write_category_scores  # noqa: E402
 from vitad.scoring import score_bank  # noqa: E402

@@ -13,7 +13,7 @@ import torchvision
 from transformers import Dinov2Config, Dinov2Model, ViTMAEConfig, ViTMAEForPreTraining
 
 from vitad.backbones import BACKBONES, WeightsUnavailableError, build_extractor
-from vitad.params import ParamsError
+from vitad.core.params import ParamsError
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 

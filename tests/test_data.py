@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vitad import synthetic
-from vitad.data import (
+from vitad.core.data import (
     DatasetError,
     ImageDataset,
     collate,

@@ -24,13 +24,13 @@ from streamlit.testing.v1 import AppTest
 from tiny_project import BACKBONE, REPO, rescore
 from vitad.serving import demo
 from vitad.serving.calibration import holdout_image_scores
-from vitad.data import index_category, split_samples
+from vitad.core.data import index_category, split_samples
 from vitad.serving.detector import Detector, ImageError, decode_image, results_csv
 from vitad.featurebank import read_bank, write_bank
 from vitad.figures import overlay_image
-from vitad.io import load_arrays, save_arrays
+from vitad.core.io import load_arrays, save_arrays
 from vitad.serving.model import ModelError, read_model
-from vitad.params import ParamsError
+from vitad.core.params import ParamsError
 from vitad.scorefile import read_category_scores
 from vitad.scoring import ScoringError, aggregate_image_scores, few_shot_indices, make_scorer
 

@@ -21,7 +21,7 @@ import pytest
 from test_demo import APP
 from tiny_project import BACKBONE, build_project
 from vitad.serving import demo
-from vitad.data import index_category, split_samples
+from vitad.core.data import index_category, split_samples
 
 pytestmark = pytest.mark.slow
 

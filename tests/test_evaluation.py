@@ -15,10 +15,10 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from vitad import evaluation, metrics
-from vitad.cli import StageError
-from vitad.data import index_category, sample_mask, split_samples
+from vitad.core.cli import StageError
+from vitad.core.data import index_category, sample_mask, split_samples
 from vitad.heatmap import anomaly_map
-from vitad.io import load_arrays, save_arrays
+from vitad.core.io import load_arrays, save_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_WEIGHTS = {"mode": "random", "seed": 0, "source": "random initialisation"}

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from vitad.backbones import build_extractor
 from vitad.backbones.base import weights_fingerprint
-from vitad.data import ImageDataset, Sample, index_category, split_samples
+from vitad.core.data import ImageDataset, Sample, index_category, split_samples
 from vitad import featurebank
 from vitad.featurebank import (
     FeatureBankError,
@@ -24,8 +24,8 @@ from vitad.featurebank import (
     read_bank,
     write_bank,
 )
-from vitad.io import save_arrays
-from vitad.params import ParamsError
+from vitad.core.io import save_arrays
+from vitad.core.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("extract_stage", REPO / "stages" / "extract.py")
@@ -105,7 +105,7 @@ def test_bank_reads_memory_mapped_in_its_stored_dtype(tmp_path):
 
 
 def test_writing_a_bank_does_not_copy_its_patches(tmp_path, monkeypatch):
-    monkeypatch.setattr("vitad.io._IO_CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr("vitad.core.io._IO_CHUNK_BYTES", 1 << 16)
     arrays = _bank_arrays(np.random.default_rng(4), n_train=48)
     arrays["train_patches"] = np.random.default_rng(5).standard_normal((48, 4, 4, 256), dtype=np.float32)  # 768 KiB
     arrays["test_patches"] = arrays["train_patches"][:2]

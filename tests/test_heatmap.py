@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from vitad.data import Sample, index_category, sample_mask
+from vitad.core.data import Sample, index_category, sample_mask
 from vitad.figures import (
     FigureSettings,
     figure_name,
@@ -21,8 +21,8 @@ from vitad.figures import (
 )
 from vitad.heatmap import anomaly_map, colour_scale
 from vitad.scorefile import ScoresError, read_category_scores, weights_are_random
-from vitad.io import save_arrays
-from vitad.params import ParamsError
+from vitad.core.io import save_arrays
+from vitad.core.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["washer", "mesh"]  # two of the three generated categories keep the stage tests fast

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from vitad import io
-from vitad.io import ArrayFileError, create_arrays, load_arrays, open_arrays, save_arrays
+from vitad.core import io
+from vitad.core.io import ArrayFileError, create_arrays, load_arrays, open_arrays, save_arrays
 
 
 def _arrays() -> dict[str, np.ndarray]:

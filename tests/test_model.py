@@ -10,7 +10,7 @@ import torch
 
 from vitad.backbones.base import weights_fingerprint
 from vitad.heatmap import anomaly_map
-from vitad.io import save_arrays
+from vitad.core.io import save_arrays
 from vitad.serving.model import FittedModel, ModelError, read_model, write_model
 from vitad.scoring import make_scorer, restore_scorer
 

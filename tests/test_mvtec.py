@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitad.data import DatasetError, index_category
+from vitad.core.data import DatasetError, index_category
 from vitad.mvtec import MVTEC_SHA256, DownloadError, link_folder, prepare_mvtec
 
 CATEGORIES = ("bottle", "grid")

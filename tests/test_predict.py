@@ -19,7 +19,7 @@ from PIL import Image
 from tiny_project import BACKBONE, REPO
 from vitad.serving import predict
 from vitad.__main__ import main as vitad_main
-from vitad.data import index_category, split_samples
+from vitad.core.data import index_category, split_samples
 from vitad.serving.detector import CSV_COLUMNS
 from vitad.serving.model import model_path
 from vitad.scorefile import read_category_scores

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitad.params import ParamsError, run_names
+from vitad.core.params import ParamsError, run_names
 from vitad.runs import run_spec, run_specs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,12 +8,12 @@ from sklearn.covariance import OAS, LedoitWolf
 from sklearn.decomposition import PCA
 
 from vitad.scoring.coreset import coreset_size
-from vitad.data import Sample
+from vitad.core.data import Sample
 from vitad.featurebank import read_bank, write_bank
 from vitad.heatmap import anomaly_map
-from vitad.io import load_arrays
+from vitad.core.io import load_arrays
 from vitad.serving.model import read_model
-from vitad.params import ParamsError
+from vitad.core.params import ParamsError
 from vitad.scoring import (
     SCORERS,
     KMeansScorer,

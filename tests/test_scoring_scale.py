@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitad.params import ParamsError
+from vitad.core.params import ParamsError
 from vitad.scoring import KNNScorer, MahalanobisScorer, gaussian, make_scorer
 from vitad.scoring import knn as knn_module
 from vitad.scoring.coreset import _greedy_k_center_torch, _lazy_greedy_k_center, greedy_coreset, random_projection

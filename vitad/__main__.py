@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from vitad.cli import EXPECTED_ERRORS
+from vitad.core.cli import EXPECTED_ERRORS
 
 COMMANDS = ("predict", "exps")
 

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from vitad.data import Sample, index_category, sample_mask, split_samples
+from vitad.core.data import Sample, index_category, sample_mask, split_samples
 from vitad.scorefile import CategoryScores, read_category_scores, weights_are_random
 from vitad.metrics import average_precision, f1_max, image_auroc, pixel_metrics, pr_curve, roc_curve
 

@@ -5,7 +5,7 @@ A bank is one safetensors file (``featurebanks/<backbone>/<category>.safetensors
 - ``train_embeddings`` [N_train, D] and ``test_embeddings`` [N_test, D], float32;
 - ``train_patches`` [N_train, h, w, Dp] and ``test_patches`` [N_test, h, w, Dp], stored in
   ``extract.patch_dtype`` (float16 halves the files) and read back as float32;
-- metadata: ``train_samples`` / ``test_samples`` (one :class:`vitad.data.Sample` per row, in
+- metadata: ``train_samples`` / ``test_samples`` (one :class:`vitad.core.data.Sample` per row, in
   row order) and ``info`` (backbone, category, its params entry, the weights switch and which
   weights produced the features, grid size, image size, patch dtype).
 """
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from vitad.cli import StageError
-from vitad.data import ImageDataset, Sample, collate, split_samples
-from vitad.io import create_arrays, load_arrays, open_arrays, save_arrays
-from vitad.params import ParamsError, param, positive_int
+from vitad.core.cli import StageError
+from vitad.core.data import ImageDataset, Sample, collate, split_samples
+from vitad.core.io import create_arrays, load_arrays, open_arrays, save_arrays
+from vitad.core.params import ParamsError, param, positive_int
 
 if TYPE_CHECKING:  # reading a bank needs neither torch nor the backbones (seconds to import)
     import torch
@@ -201,7 +201,7 @@ def extract_bank(
 ) -> None:
     """Extract one category's index (train and test samples, one pass) into the bank file
     ``path``: the file :func:`extract_category` + :func:`write_bank` write, byte for byte, but
-    each batch's features go to the file as they are computed (:func:`vitad.io.create_arrays`),
+    each batch's features go to the file as they are computed (:func:`vitad.core.io.create_arrays`),
     so the stage holds one batch of features instead of the whole bank (at full MVTec size and
     448 px, a ViT-B's bank is larger than its weights). Atomic, like :func:`write_bank`: an error
     (inf/NaN features included) leaves no file and any earlier bank at ``path`` untouched."""
@@ -355,7 +355,7 @@ def _bank_metadata(info: dict, train_samples: Sequence[Sample], test_samples: Se
 
 
 def _finite_check(path: str | Path) -> Callable[[str, np.ndarray], None]:
-    """A chunk check for :func:`vitad.io.save_arrays` / ``create_arrays``: no inf/NaN stored."""
+    """A chunk check for :func:`vitad.core.io.save_arrays` / ``create_arrays``: no inf/NaN stored."""
 
     def check_finite(name: str, stored_chunk: np.ndarray) -> None:
         if not _all_finite(stored_chunk):

@@ -11,10 +11,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vitad.data import Sample, load_rgb, sample_mask
+from vitad.core.data import Sample, load_rgb, sample_mask
 from vitad.heatmap import colour_scale
-from vitad.io import atomic_path
-from vitad.params import ParamsError, param, positive_int
+from vitad.core.io import atomic_path
+from vitad.core.params import ParamsError, param, positive_int
 from vitad.scorefile import CategoryScores, ScoresError
 
 # --- figures ----------------------------------------------------------------------------------

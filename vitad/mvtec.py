@@ -34,9 +34,9 @@ from typing import BinaryIO, Sequence
 from tqdm import tqdm
 
 from vitad import __version__
-from vitad.cli import StageError
-from vitad.data import DatasetError, index_category, load_mask
-from vitad.io import remove_stale_temporaries
+from vitad.core.cli import StageError
+from vitad.core.data import DatasetError, index_category, load_mask
+from vitad.core.io import remove_stale_temporaries
 
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 MVTEC_CATEGORIES = (
@@ -175,7 +175,7 @@ def extract_categories(archive: Path, dest: Path, categories: Sequence[str]) -> 
 def link_folder(source: Path | None, dest: Path, categories: Sequence[str]) -> None:
     """Validate an MVTec-layout directory and hard-link its images and masks into ``dest``.
 
-    Validation: the layout of :func:`vitad.data.index_category` (training images, test images,
+    Validation: the layout of :func:`vitad.core.data.index_category` (training images, test images,
     a mask for every defective test image) and every mask decodes to its image's size. Only the
     files the index references are linked, so ``dest`` indexes exactly like ``source``. Across
     filesystems, or where hard links are unsupported, files are copied with a warning. ``dest``

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from vitad.heatmap import UPSAMPLING, anomaly_map
-from vitad.params import ParamsError, param, run_names, string_list
+from vitad.core.params import ParamsError, param, run_names, string_list
 from vitad.scoring import SCORERS, embedding_route_params, make_scorer
 
 RUN_KEYS = ("backbone", "recipe", "embedding")  # keys of a run that are not scorer overrides

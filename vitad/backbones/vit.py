@@ -12,7 +12,7 @@ import torch
 from vitad.backbones.base import (
     Dinov2Extractor, FeatureExtractor, MAEExtractor, WeightsUnavailableError, _check_keys, _pair, _random_init, _sha256,
 )
-from vitad.params import ParamsError, param, positive_int
+from vitad.core.params import ParamsError, param, positive_int
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # torch's fused attention never materialises the [B, heads, T, T] attention weights that eager

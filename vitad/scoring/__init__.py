@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vitad.params import ParamsError
+from vitad.core.params import ParamsError
 from vitad.scoring.base import AGGREGATIONS, ModelMap, Scorer, ScoringError, aggregate_image_scores, few_shot_indices
 from vitad.scoring.gaussian import MahalanobisScorer
 from vitad.scoring.kmeans import KMeansScorer

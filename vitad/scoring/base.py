@@ -13,7 +13,7 @@ both levels, chosen by the shape of what is fitted:
   and ``image_scores(test) -> ([M], [M, h', w'])``, the image score by the scorer's rule.
 
 Bad input never turns into a silent NaN score: empty or non-finite features and too few vectors
-raise :class:`ScoringError`; bad parameters raise :class:`vitad.params.ParamsError` naming
+raise :class:`ScoringError`; bad parameters raise :class:`vitad.core.params.ParamsError` naming
 ``score.<method>.<key>``.
 """
 
@@ -24,8 +24,8 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from vitad.cli import StageError
-from vitad.params import ParamsError
+from vitad.core.cli import StageError
+from vitad.core.params import ParamsError
 
 
 class ScoringError(StageError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 
-from vitad.params import ParamsError
+from vitad.core.params import ParamsError
 
 DEVICES = ("auto", "cpu", "cuda")
 KNN_BACKENDS = ("faiss-cpu", "faiss-gpu", "torch")

@@ -22,15 +22,15 @@ import numpy as np
 from PIL import Image
 
 from vitad.backbones import resolve_device
-from vitad.cli import StageError
-from vitad.data import DatasetError
+from vitad.core.cli import StageError
+from vitad.core.data import DatasetError
 from vitad.serving.detector import DecodedImage, Detector, ImageError, ImageScore
 from vitad.serving.detector import load_detector as load_model
 from vitad.featurebank import extract_settings
 from vitad.figures import overlay_image
-from vitad.io import ArrayFileError, load_metadata
+from vitad.core.io import ArrayFileError, load_metadata
 from vitad.serving.model import model_path
-from vitad.params import ParamsError, load_params, run_names, string_list
+from vitad.core.params import ParamsError, load_params, run_names, string_list
 
 PROJECT_ENV = "VITAD_PROJECT"
 # Longest side of the images and overlays the page shows (the anomaly map itself is at full resolution).

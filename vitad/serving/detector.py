@@ -29,7 +29,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vitad.backbones import FeatureExtractor, build_extractor
-from vitad.data import preprocess
+from vitad.core.data import preprocess
 from vitad.featurebank import PATCH_DTYPES
 from vitad.serving.model import FittedModel, ModelError, read_model
 from vitad.scoring import ScoringError
@@ -65,7 +65,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:
     """Decode image bytes into RGB the way the pipeline reads its images
-    (:func:`vitad.data.load_rgb`: grayscale, palette, CMYK and RGBA converted to RGB, alpha
+    (:func:`vitad.core.data.load_rgb`: grayscale, palette, CMYK and RGBA converted to RGB, alpha
     dropped), after applying the EXIF orientation of camera photos.
 
     Raises :class:`ImageError` naming ``name`` for: an empty file, bytes that are no image

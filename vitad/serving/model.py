@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from vitad.serving.calibration import calibrated_threshold, holdout_image_scores
-from vitad.cli import StageError
+from vitad.core.cli import StageError
 from vitad.heatmap import UPSAMPLING, anomaly_map, colour_scale
-from vitad.io import load_arrays, save_arrays
+from vitad.core.io import load_arrays, save_arrays
 from vitad.scoring import SCORERS, Scorer, ScoringError, restore_scorer
 
 MODEL_FORMAT = 1

@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vitad.data import IMAGE_SUFFIXES
+from vitad.core.data import IMAGE_SUFFIXES
 from vitad.serving.detector import ScoredFile, csv_row, csv_writer, load_detector, result_record
 from vitad.figures import overlay_image
-from vitad.io import atomic_path
+from vitad.core.io import atomic_path
 from vitad.serving.model import ModelError, model_path
 
 EXIT_UNSCORED = 3
@@ -57,7 +57,7 @@ def _images_under(folder: Path) -> list[Path]:
 
 def collect_inputs(arguments: list[str]) -> list[InputFile]:
     """The files named by ``arguments``, in order: a file as given; a folder's image files
-    (suffixes :data:`vitad.data.IMAGE_SUFFIXES`, recursively, sorted), named by their path under
+    (suffixes :data:`vitad.core.data.IMAGE_SUFFIXES`, recursively, sorted), named by their path under
     the folder; a glob pattern's matching files (sorted). An argument that names nothing becomes
     an error entry. Output names are unique (``-2``, ``-3``... appended on collisions)."""
     found: list[tuple[str, Path | None, str, str | None]] = []

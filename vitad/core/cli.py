@@ -6,14 +6,14 @@ import os
 import sys
 from typing import Callable
 
-from vitad.errors import InputError
+from vitad.core.errors import InputError
 
 
 class StageError(RuntimeError):
     """A stage cannot proceed; the message says which file or parameter and what to do."""
 
 
-# InputError: ParamsError, DatasetError, ScoresError, ArrayFileError (vitad.errors says why a base class)
+# InputError: ParamsError, DatasetError, ScoresError, ArrayFileError (vitad.core.errors says why a base class)
 EXPECTED_ERRORS = (InputError, StageError, FileNotFoundError)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from vitad.errors import InputError
+from vitad.core.errors import InputError
 
 
 class ParamsError(InputError):

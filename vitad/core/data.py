@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vitad.errors import InputError
+from vitad.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch

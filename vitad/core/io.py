@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from vitad.errors import InputError
+from vitad.core.errors import InputError
 
 
 _UMASK = os.umask(0)
