@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitad.core.cli import run_stage  # noqa: E402
-from vitad.figures import FigureSettings, render_comparison  # noqa: E402
+from vitad.figures import FigureSettings, render_comparison, render_in_parallel  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
 from vitad.core.io import reset_directory  # noqa: E402
 from vitad.core.params import load_params, run_names, string_list  # noqa: E402
@@ -39,9 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     score_dirs = [args.scores / name for name in run_names(params)]
 
     reset_directory(args.out)
-    for category in categories:
-        rows = [read_category_scores(d / f"{category}.safetensors", expected_category=category) for d in score_dirs]
-        path = render_comparison(args.out / f"{category}.png", rows, args.data, settings)
+    rows_per_category = {
+        category: [read_category_scores(d / f"{category}.safetensors", expected_category=category) for d in score_dirs]
+        for category in categories
+    }
+    calls = [(args.out / f"{category}.png", rows, args.data, settings) for category, rows in rows_per_category.items()]
+    for (category, rows), path in zip(rows_per_category.items(), render_in_parallel(render_comparison, calls)):
         print(f"{category}: {len(rows)} runs (one row each) -> {path}")
 
 

@@ -16,6 +16,7 @@ from vitad.figures import (
     figure_name,
     figure_title,
     render_comparison,
+    render_in_parallel,
     render_triplet,
     select_examples,
 )
@@ -216,6 +217,29 @@ def test_render_triplet_writes_a_valid_deterministic_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temporary files left behind
     with pytest.raises(ValueError, match="differ in size"):
         render_triplet(tmp_path / "c.png", image, heatmap, mask[:, :80], (0.0, 1.0), "title")
+
+
+def test_render_in_parallel_writes_the_same_files_in_order_and_raises_the_first_error(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[5:15, 20:40] = True
+    figures = [
+        ((rng.random((40, 60, 3)) * 255).astype(np.uint8), rng.random((40, 60)).astype(np.float32), f"figure {i}")
+        for i in range(3)
+    ]
+    written = {}
+    for workers in (1, 2):
+        folder = tmp_path / f"{workers} workers"
+        folder.mkdir()
+        calls = [(folder / f"{i}.png", image, heatmap, mask, (0.0, 1.0), title, 40) for i, (image, heatmap, title) in enumerate(figures)]
+        paths = render_in_parallel(render_triplet, calls, workers=workers)
+        assert paths == [call[0] for call in calls]
+        written[workers] = [path.read_bytes() for path in paths]
+    assert written[1] == written[2]
+    assert len(set(written[1])) == 3
+    broken = [(tmp_path / "bad.png", figures[0][0], figures[0][1], mask[:, :50], (0.0, 1.0), "bad", 40)]
+    with pytest.raises(ValueError, match="differ in size"):
+        render_in_parallel(render_triplet, calls[:1] + broken, workers=2)
 
 
 # --- stages end to end ----------------------------------------------------------------------------

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from matplotlib import colormaps
@@ -194,14 +199,30 @@ def render_category_triplets(
     fixed colour scale (:func:`colour_scale`); returns the written paths in selection order."""
     data_root, out_dir = Path(data_root), Path(out_dir)
     scale = colour_scale(scores.patch_scores)
-    written = []
+    calls = []
     for index in select_examples(scores.test_samples, settings.examples_per_defect, settings.good_examples):
         sample = scores.test_samples[index]
         image, mask = _load_example(data_root, sample)
         heatmap = scores.anomaly_map(index, sample.original_size)
-        title = figure_title(scores, index)
-        written.append(render_triplet(out_dir / figure_name(sample), image, heatmap, mask, scale, title, settings.dpi))
-    return written
+        calls.append((out_dir / figure_name(sample), image, heatmap, mask, scale, figure_title(scores, index), settings.dpi))
+    return render_in_parallel(render_triplet, calls)
+
+
+def render_in_parallel(render: Callable[..., Path], calls: list[tuple], workers: int | None = None) -> list[Path]:
+    """``[render(*arguments) for arguments in calls]``, spread over ``workers`` processes (default:
+    one per CPU core this process may use, at most one per call).
+
+    Figures are independent and matplotlib draws each on one core, so one after the other they
+    leave the other cores idle. The workers are forked (Linux only), so they start with matplotlib
+    already imported; elsewhere, or with one worker, the calls run here. The files are the same
+    either way; the first error raised by a call is raised here."""
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if sys.platform == "linux" else 1
+    workers = min(workers, len(calls))
+    if workers <= 1 or sys.platform != "linux":
+        return [render(*arguments) for arguments in calls]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as executor:
+        return list(executor.map(render, *zip(*calls)))
 
 
 def render_comparison(
