@@ -111,6 +111,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    if args.bank_images < 20:
+        parser.error(f"--bank-images must be at least 20 (the large bank takes a tenth of them, and calibration 2), got {args.bank_images}")
+    if args.images < 10:
+        parser.error(f"--images must be at least 10 (9 of them are the defective and good test images), got {args.images}")
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -111,14 +111,15 @@ def stage_extract(args) -> dict:
                                          batch_size=args.batch_size, collate_fn=collate)
     batches = [extractor.prepare(images) for images, _ in loader]
     extractor.bare_forward(batches[0])
+    timed_batches = batches[1:] or batches  # a category of one batch times that batch again
 
     def bare() -> None:
-        for pixels in batches[1:]:
+        for pixels in timed_batches:
             extractor.bare_forward(pixels)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    per_image = 1.0 / ((len(batches) - 1) * args.batch_size)
+    per_image = 1.0 / sum(len(pixels) for pixels in timed_batches)
     bare_seconds, bare_cpu = (value * per_image * len(samples) for value in _timed(bare))
     del batches, loader
     out = Path(args.out)
