@@ -66,3 +66,13 @@ def test_import_closure_follows_lazy_imports_and_skips_type_checking(tmp_path):
     assert import_closure(script, tmp_path) == {
         "vitad/__init__.py", "vitad/sub/__init__.py", "vitad/sub/leaf.py", "vitad/lazy.py",
     }
+
+
+def test_directory_code_deps_hash_sources_only():
+    """Python writes __pycache__/ into a package's directory on first import (unless told not to):
+    without this .dvcignore line every directory code dep changes hash after the first run, and
+    `dvc status` reports every stage changed."""
+    directory_deps = {dep for _, stage in _stages() for dep in stage["deps"] if dep.startswith("vitad/") and (REPO / dep).is_dir()}
+    assert directory_deps, "no directory code deps: this check is moot"
+    ignored = [line.strip() for line in (REPO / ".dvcignore").read_text().splitlines()]
+    assert "__pycache__" in ignored
