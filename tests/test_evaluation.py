@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 from sklearn import metrics as skm
 
-from vitad import evaluation, metrics
+from vitad import evaluation
+from vitad.evaluation import metrics
 from vitad.core.cli import StageError
 from vitad.core.data import index_category, sample_mask, split_samples
 from vitad.heatmap import anomaly_map

@@ -1,4 +1,4 @@
-"""vitad.metrics against independent computations: scikit-learn for AUROC/AP, hand-computed
+"""vitad.evaluation.metrics against independent computations: scikit-learn for AUROC/AP, hand-computed
 values and a textbook per-threshold relabelling loop for the PRO curve and AU-PRO."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from vitad import metrics
+from vitad.evaluation import metrics
 
 # ----------------------------------------------------------------------------- references
 

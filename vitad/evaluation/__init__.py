@@ -28,7 +28,7 @@ from PIL import Image
 
 from vitad.core.data import Sample, index_category, sample_mask, split_samples
 from vitad.scorefile import CategoryScores, read_category_scores, weights_are_random
-from vitad.metrics import average_precision, f1_max, image_auroc, pixel_metrics, pr_curve, roc_curve
+from vitad.evaluation.metrics import average_precision, f1_max, image_auroc, pixel_metrics, pr_curve, roc_curve
 
 RESOLUTIONS = ("original", "model")
 # f1_max is the image-level F1-max (best F1 over image-score thresholds); pixel_f1_max the same over pixels.
