@@ -8,13 +8,17 @@ from PIL import Image
 
 from vitad import synthetic
 from vitad.core.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DatasetError,
     ImageDataset,
     collate,
     index_category,
     load_mask,
     load_rgb,
+    normalize,
     preprocess,
+    resize_rgb,
     sample_mask,
 )
 
@@ -90,6 +94,18 @@ def test_preprocess_resizes_without_crop():
     tensor = preprocess(image, 100)
     assert tensor.shape == (3, 100, 100)
     assert tensor[0, 50, 2] < 0 < tensor[0, 50, 50]  # the border band survives the resize
+
+
+def test_normalize_is_the_imagenet_normalisation_of_each_batch_image():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)  # [B, H, W, 3]
+    images = normalize(torch.from_numpy(pixels))
+    assert images.shape == (2, 3, 5, 7) and images.dtype == torch.float32
+    expected = (pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # float64 [B, H, W, 3]
+    np.testing.assert_allclose(images.permute(0, 2, 3, 1).numpy(), expected, rtol=0, atol=1e-5)
+    # the single-image path gives the same values, bit for bit
+    image = Image.fromarray(pixels[1])
+    assert torch.equal(preprocess(image, 5)[None], normalize(torch.from_numpy(resize_rgb(image, 5).copy())[None]))
 
 
 def test_bad_inputs_name_the_file(tiny_dataset, tmp_path):

@@ -160,24 +160,38 @@ PIXEL_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float
 PIXEL_OFFSET = np.array([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dtype=np.float32)
 
 
+def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 [size, size, 3], resized (bilinear) WITHOUT centre crop: defects
+    sit at borders too."""
+    return np.asarray(image.resize((size, size), Image.BILINEAR))
+
+
+def normalize(pixels: "torch.Tensor") -> "torch.Tensor":
+    """uint8 RGB [B, S, S, 3] -> float32 [B, 3, S, S]: scaled to [0, 1] and normalised with the
+    ImageNet mean and std, ((x / 255) - mean) / std computed as x * PIXEL_SCALE - PIXEL_OFFSET.
+
+    Once per batch rather than per image: the uint8 -> float copy transposes to channels-first,
+    and the multiply-add then runs over contiguous memory, in the thread (and OpenMP team) that
+    runs the model on the batch."""
+    import torch
+
+    batch, height, width, _ = pixels.shape
+    images = torch.empty(batch, 3, height, width)
+    images.copy_(pixels.permute(0, 3, 1, 2))  # [B, S, S, 3] -> [B, 3, S, S], to float32
+    images.mul_(torch.from_numpy(PIXEL_SCALE)[:, None, None]).sub_(torch.from_numpy(PIXEL_OFFSET)[:, None, None])
+    return images
+
+
 def preprocess(image: Image.Image, size: int) -> "torch.Tensor":
-    """RGB PIL image -> float tensor [3, size, size]: resize WITHOUT centre crop (defects sit at
-    borders too), scale to [0, 1], ImageNet mean/std normalisation."""
+    """RGB PIL image -> float tensor [3, size, size]: :func:`resize_rgb`, then :func:`normalize`."""
     import torch  # imported here so that stages which only read metadata stay torch-free
 
-    resized = np.array(image.resize((size, size), Image.BILINEAR))  # uint8 [S, S, 3]
-    # numpy, not torch: the extract stage's decoding threads run this, and a torch op there
-    # starts an OpenMP team per thread; libgomp, then counting more threads than cores,
-    # throttles the spin-waiting of the model's own team, so the forward pass would run under
-    # another OpenMP regime than without decoding threads.
-    pixels = np.multiply(resized, PIXEL_SCALE, dtype=np.float32)
-    pixels -= PIXEL_OFFSET
-    return torch.from_numpy(pixels).permute(2, 0, 1)  # [S, S, 3] -> [3, S, S]
+    return normalize(torch.from_numpy(np.array(resize_rgb(image, size)))[None])[0]
 
 
 class ImageDataset:
-    """Samples -> (image tensor [3, S, S], Sample): a map-style dataset for a torch DataLoader
-    with :func:`collate`."""
+    """Samples -> (uint8 RGB [S, S, 3], Sample): a map-style dataset for a torch DataLoader with
+    :func:`collate`, which normalises each batch."""
 
     def __init__(self, root: str | Path, samples: Sequence[Sample], size: int):
         self.root = Path(root)
@@ -187,14 +201,15 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple["torch.Tensor", Sample]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, Sample]:
         sample = self.samples[index]
-        return preprocess(load_rgb(self.root / sample.image_path), self.size), sample
+        return resize_rgb(load_rgb(self.root / sample.image_path), self.size), sample
 
 
-def collate(batch: Sequence[tuple["torch.Tensor", Sample]]) -> tuple["torch.Tensor", list[Sample]]:
-    """Stack images to [B, 3, S, S] and keep each image's Sample (metadata) in order."""
+def collate(batch: Sequence[tuple[np.ndarray, Sample]]) -> tuple["torch.Tensor", list[Sample]]:
+    """Stack :class:`ImageDataset` items into normalised images [B, 3, S, S] (:func:`normalize`)
+    and keep each image's Sample (metadata) in order."""
     import torch
 
     images, samples = zip(*batch)
-    return torch.stack(images), list(samples)
+    return normalize(torch.from_numpy(np.stack(images))), list(samples)

@@ -29,7 +29,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vitad.backbones import FeatureExtractor, build_extractor
-from vitad.core.data import preprocess
+from vitad.core.data import normalize, resize_rgb
 from vitad.featurebank import PATCH_DTYPES
 from vitad.serving.model import FittedModel, ModelError, read_model
 from vitad.scoring import ScoringError
@@ -220,7 +220,8 @@ class Detector:
                 results.append(ImageScore(outcome[0], outcome[1], () if note is None else (note,)))
         return results
 
-    def _decoded(self, source: Source) -> tuple[DecodedImage, torch.Tensor] | str:
+    def _decoded(self, source: Source) -> tuple[DecodedImage, np.ndarray] | str:
+        """(the image, resized uint8 [S, S, 3]) of ``source``, or why it cannot be decoded."""
         name, read = source
         try:
             data = read()
@@ -230,7 +231,7 @@ class Detector:
             decoded = decode_image(data, name)
         except ImageError as error:
             return str(error)
-        return decoded, preprocess(decoded.image, self.model.image_size)
+        return decoded, resize_rgb(decoded.image, self.model.image_size)
 
     def score_files(self, sources: Iterable[Source], batch_size: int = 8, workers: int | None = None) -> Iterator[ScoredFile]:
         """One :class:`ScoredFile` per source, in order (see the module docstring)."""
@@ -244,7 +245,7 @@ class Detector:
                 results: dict[int, ImageScore | str] = {}
                 for first in range(0, len(good), batch_size):
                     batch = good[first : first + batch_size]
-                    pixels = torch.stack([decoded[index][1] for index in batch])  # [B, 3, S, S]
+                    pixels = normalize(torch.from_numpy(np.stack([decoded[index][1] for index in batch])))  # [B, 3, S, S]
                     results.update(zip(batch, self._score_batch([decoded[index][0].image for index in batch], pixels)))
                 for index, name in enumerate(names):
                     item, result = decoded[index], results.get(index)
