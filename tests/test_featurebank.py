@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import shutil
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from safetensors import safe_open
 
 from vitad.backbones import build_extractor
 from vitad.backbones.base import weights_fingerprint
-from vitad.core.data import ImageDataset, Sample, index_category, split_samples
+from vitad.core.data import DatasetError, ImageDataset, Sample, collate, index_category, split_samples
 from vitad import featurebank
 from vitad.featurebank import (
     FeatureBankError,
@@ -161,7 +164,7 @@ def test_extract_settings_validate_and_name_the_key():
 
 
 def test_rows_follow_samples_across_batches_and_workers(tiny_dataset, extractor):
-    """Row i is sample i whatever the batch size or number of decoding processes; the mesh
+    """Row i is sample i whatever the batch size or number of streams; the mesh
     category is stored single-channel and goes through the same path."""
     samples = index_category(tiny_dataset, "mesh")
     with Image.open(tiny_dataset / samples[0].image_path) as image:
@@ -170,22 +173,76 @@ def test_rows_follow_samples_across_batches_and_workers(tiny_dataset, extractor)
     assert embeddings.shape == (len(samples), 32) and patches.shape == (len(samples), 3, 3, 32)
     dataset = ImageDataset(tiny_dataset, samples, extractor.image_size)
     for row in (0, len(samples) - 1):
-        single_embedding, single_patches = extractor(dataset[row][0][None])
+        single_embedding, single_patches = extractor(collate([dataset[row]])[0])
         np.testing.assert_allclose(embeddings[row], single_embedding[0].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(patches[row], single_patches[0].numpy(), rtol=1e-4, atol=1e-5)
     serial = extract_split(extractor, tiny_dataset, samples, batch_size=len(samples), num_workers=0, progress=False)
     np.testing.assert_allclose(serial[1], patches, rtol=1e-4, atol=1e-5)
 
 
-def test_decoding_in_several_chunks_keeps_the_row_order(tiny_dataset, extractor, monkeypatch):
+@pytest.fixture
+def two_torch_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _torch_threads_of_a_new_thread() -> int:
+    import torch
+
+    threads = []
+    thread = threading.Thread(target=lambda: threads.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return threads[0]
+
+
+def test_cpu_streams_split_the_threads_keep_the_row_order_and_restore_the_thread_count(
+    tiny_dataset, extractor, monkeypatch, two_torch_threads
+):
+    import torch
+
     samples = index_category(tiny_dataset, "weave")
-    whole = extract_split(extractor, tiny_dataset, samples, batch_size=2, progress=False)
-    image_bytes = 3 * extractor.image_size**2 * 4
-    monkeypatch.setattr(featurebank, "DECODE_CHUNK_BYTES", 2 * image_bytes * 2)  # chunks of 4 images
-    chunked = extract_split(extractor, tiny_dataset, samples, batch_size=2, progress=False)
-    assert len(samples) > 4
-    np.testing.assert_array_equal(chunked[0], whole[0])
-    np.testing.assert_array_equal(chunked[1], whole[1])
+    serial = extract_split(extractor, tiny_dataset, samples, batch_size=2, num_workers=0, progress=False)
+    teams = []  # (thread, torch threads) of every batch's forward pass
+    extract_into = extractor.extract_into
+
+    def recording(images, embeddings, patches):
+        teams.append((threading.get_ident(), torch.get_num_threads()))
+        extract_into(images, embeddings, patches)
+
+    monkeypatch.setattr(extractor, "extract_into", recording)
+    # a ViT's batches run one at a time, in the calling thread, on all threads
+    assert extractor.cpu_streams == 1
+    default = extract_split(extractor, tiny_dataset, samples, batch_size=2, progress=False)
+    assert set(teams) == {(threading.get_ident(), 2)}
+    teams.clear()
+    streamed = extract_split(extractor, tiny_dataset, samples, batch_size=2, num_workers=2, progress=False)
+    assert len(teams) == -(-len(samples) // 2) >= 3
+    assert {threads for _, threads in teams} == {1}  # two streams of one thread each
+    assert threading.get_ident() not in {thread for thread, _ in teams}
+    assert torch.get_num_threads() == 2 == _torch_threads_of_a_new_thread()
+    for served, reference in zip((*streamed, *default), (*serial, *serial)):
+        np.testing.assert_allclose(served, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_stream_stops_the_extraction_and_leaves_no_bank(tmp_path, tiny_dataset, extractor, two_torch_threads):
+    import torch
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset / "weave", dataset / "weave")
+    samples = index_category(dataset, "weave")
+    broken = dataset / samples[len(samples) // 2].image_path
+    broken.write_bytes(b"not a png")
+    path = tmp_path / "bank.safetensors"
+    info = bank_info("dinov2_vitb14", "weave", TINY_DINOV2, "random", extractor, "float16")
+    with pytest.raises(DatasetError, match=re.escape(str(broken))):
+        featurebank.extract_bank(path, extractor, dataset, samples, 1, info, num_workers=2, progress=False)
+    assert list(tmp_path.iterdir()) == [dataset]
+    assert torch.get_num_threads() == 2 == _torch_threads_of_a_new_thread()
 
 
 def test_extract_split_casts_patches_to_the_storage_dtype(tiny_dataset, extractor):

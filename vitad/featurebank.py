@@ -13,7 +13,8 @@ A bank is one safetensors file (``featurebanks/<backbone>/<category>.safetensors
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -77,56 +78,72 @@ class FeatureBank:
         return tuple(self.info["grid_size"])
 
 
-# On CPU a decoded chunk is held in memory before the model runs on it (float32 [3, S, S] per
-# image: 0.6 MB at 224 px, 2.4 MB at 448 px). Its size only amortises the switch between decoding
-# and the forward pass (at most one image's decode on one core idles per chunk), which a hundred
-# images at 224 px already do; a larger chunk is memory the extract stage holds for nothing.
-DECODE_CHUNK_BYTES = 64 * 2**20
-
-
-def _decoded_batches(
+def _batch_features(
+    extractor: FeatureExtractor,
     root: str | Path,
     samples: Sequence[Sample],
-    image_size: int,
     batch_size: int,
-    device: torch.device,
+    patch_dtype: np.dtype,
     num_workers: int | None,
-) -> Iterator[tuple[torch.Tensor, list[Sample]]]:
-    """(images [B, 3, S, S], samples) batches in order.
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, embeddings [b, D] float32, patches [b, h, w, Dp] patch_dtype) of each batch
+    of ``samples``, in order.
 
-    On a GPU the workers decode while the model runs (prefetching). On CPU the forward pass
-    already keeps every core busy and a decoding process running alongside stalls its OpenMP
-    team, costing its full CPU time in wall time; so each chunk is decoded by all cores while
-    the model waits, then the model runs on all cores while nothing decodes.
+    On a GPU, DataLoader processes (``num_workers``, default one per core but one, at most 8)
+    decode while the model runs. On CPU, ``num_workers`` streams (default the extractor's
+    ``cpu_streams``, at most one per torch thread; 0 or 1: one, in the calling thread) split
+    the torch threads between them; a stream decodes and resizes its batch (PIL, which releases
+    the GIL), normalises it and runs the model on it in one thread, so streams cost no process
+    start-up and no copy of every image.
     """
     import torch
 
-    cpus = os.cpu_count() or 1
-    if device.type == "cuda":
-        workers = max(1, min(8, cpus - 1)) if num_workers is None else num_workers
-        yield from torch.utils.data.DataLoader(
-            ImageDataset(root, samples, image_size),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=True,
+    dataset = ImageDataset(root, samples, extractor.image_size)
+
+    def features(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        embeddings = np.empty((len(images), extractor.embedding_dim), dtype=np.float32)
+        patches = np.empty((len(images), *extractor.grid_size, extractor.patch_dim), dtype=patch_dtype)
+        # the features land in these arrays, cast to the storage dtype in the copy itself
+        extractor.extract_into(images, torch.from_numpy(embeddings), torch.from_numpy(patches))
+        return embeddings, patches
+
+    if extractor.device.type == "cuda":
+        workers = max(1, min(8, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=True,
             prefetch_factor=2 if workers else None,
         )
+        first = 0
+        for images, _ in loader:
+            yield first, *features(images)
+            first += len(images)
         return
-    # On CPU, decoding threads instead of DataLoader processes: PIL's decode and resize release
-    # the GIL, and threads cost no process start-up and no inter-process copy of every tensor
-    # (ResNet50, 2 cores: 0.86 -> 0.93 of bare-forward throughput).
-    dataset = ImageDataset(root, samples, image_size)
-    image_bytes = 3 * image_size * image_size * 4
-    chunk = max(1, DECODE_CHUNK_BYTES // (image_bytes * batch_size)) * batch_size
-    workers = min(cpus, 8) if num_workers is None else max(1, num_workers)
-    with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(samples), chunk):
-            # the whole chunk is decoded before its first batch is used
-            items = list(pool.map(dataset.__getitem__, range(start, min(start + chunk, len(samples)))))
-            for first in range(0, len(items), batch_size):
-                yield collate(items[first : first + batch_size])
-            del items  # released before the next chunk is decoded, so two chunks are never held at once
+
+    def batch(first: int) -> tuple[int, np.ndarray, np.ndarray]:
+        images, _ = collate([dataset[index] for index in range(first, min(first + batch_size, len(dataset)))])
+        return first, *features(images)
+
+    threads = torch.get_num_threads()
+    streams = min(extractor.cpu_streams if num_workers is None else max(1, num_workers), threads)
+    starts = range(0, len(dataset), batch_size)
+    if streams == 1:
+        yield from map(batch, starts)
+        return
+    # torch.set_num_threads sets the calling thread's OpenMP team size (and the default for
+    # threads not yet started): each stream sets its share once, the first ones rounding up.
+    shares = iter([threads // streams + 1] * (threads % streams) + [threads // streams] * (streams - threads % streams))
+    pool = ThreadPoolExecutor(streams, initializer=lambda: torch.set_num_threads(next(shares)))
+    pending: deque[Future] = deque()
+    try:
+        for first in starts:
+            pending.append(pool.submit(batch, first))
+            if len(pending) > streams:  # one batch queued for whichever stream finishes first
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error: finish the running batches only
+        torch.set_num_threads(threads)
 
 
 def extract_split(
@@ -142,13 +159,10 @@ def extract_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``samples`` (images under ``root``), row i = samples[i].
 
-    Returns ``(embeddings [N, D] float32, patches [N, h, w, Dp] patch_dtype)``. Images are
-    decoded, resized and normalised by ``num_workers`` threads on CPU, DataLoader processes on
-    CUDA (default: one per core, at most
-    8); :func:`_decoded_batches` says how decoding and the forward pass share the machine.
+    Returns ``(embeddings [N, D] float32, patches [N, h, w, Dp] patch_dtype)``;
+    :func:`_batch_features` says how decoding and the forward pass share the machine
+    (``num_workers``).
     """
-    import torch
-
     if patch_dtype not in PATCH_DTYPES:
         raise ParamsError(
             f"params.yaml: extract.patch_dtype must be one of {', '.join(PATCH_DTYPES)}, got {patch_dtype!r}"
@@ -157,34 +171,21 @@ def extract_split(
         raise ValueError(f"no images to extract under {root}")
     embeddings = np.empty((len(samples), extractor.embedding_dim), dtype=np.float32)
     patches = np.empty((len(samples), *extractor.grid_size, extractor.patch_dim), dtype=PATCH_DTYPES[patch_dtype])
-
-    def write(rows: slice, images: torch.Tensor) -> None:
-        # Features land directly in the bank arrays, cast to the storage dtype on the way.
-        extractor.extract_into(images, torch.from_numpy(embeddings[rows]), torch.from_numpy(patches[rows]))
-
-    _extract_batches(extractor, root, samples, batch_size, write, num_workers=num_workers, progress=progress, desc=desc)
+    for first, batch_embeddings, batch_patches in _progress(
+        _batch_features(extractor, root, samples, batch_size, patches.dtype, num_workers), len(samples), progress, desc
+    ):
+        embeddings[first : first + len(batch_embeddings)] = batch_embeddings
+        patches[first : first + len(batch_patches)] = batch_patches
     return embeddings, patches
 
 
-def _extract_batches(
-    extractor: FeatureExtractor,
-    root: str | Path,
-    samples: Sequence[Sample],
-    batch_size: int,
-    write: Callable[[slice, "torch.Tensor"], None],
-    *,
-    num_workers: int | None,
-    progress: bool,
-    desc: str | None,
-) -> None:
-    """Decode ``samples`` in batches, in order, and hand each batch to ``write(rows, images)``
-    (rows: the batch's slice of ``samples``), with a progress bar."""
-    start = 0
-    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress) as bar:
-        for images, _ in _decoded_batches(root, samples, extractor.image_size, batch_size, extractor.device, num_workers):
-            write(slice(start, start + len(images)), images)
-            start += len(images)
-            bar.update(len(images))
+def _progress(batches: Iterator[tuple[int, np.ndarray, np.ndarray]], total: int, progress: bool,
+              desc: str | None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``batches``, counted on a progress bar of ``total`` images."""
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch[1]))
 
 
 def extract_bank(
@@ -202,11 +203,9 @@ def extract_bank(
     """Extract one category's index (train and test samples, one pass) into the bank file
     ``path``: the file :func:`extract_category` + :func:`write_bank` write, byte for byte, but
     each batch's features go to the file as they are computed (:func:`vitad.core.io.create_arrays`),
-    so the stage holds one batch of features instead of the whole bank (at full MVTec size and
+    so the stage holds a few batches of features instead of the whole bank (at full MVTec size and
     448 px, a ViT-B's bank is larger than its weights). Atomic, like :func:`write_bank`: an error
     (inf/NaN features included) leaves no file and any earlier bank at ``path`` untouched."""
-    import torch
-
     patch_dtype = _checked_info(path, info)
     train, test = split_samples(samples, "train"), split_samples(samples, "test")
     counts = {"train": len(train), "test": len(test)}
@@ -215,24 +214,16 @@ def extract_bank(
         shapes[f"{split}_embeddings"], dtypes[f"{split}_embeddings"] = (count, extractor.embedding_dim), np.float32
         shapes[f"{split}_patches"] = (count, *extractor.grid_size, extractor.patch_dim)
         dtypes[f"{split}_patches"] = patch_dtype
-    embeddings = np.empty((batch_size, extractor.embedding_dim), dtype=np.float32)  # one batch's features
-    patches = np.empty((batch_size, *extractor.grid_size, extractor.patch_dim), dtype=patch_dtype)
+    batches = _batch_features(extractor, root, train + test, batch_size, patch_dtype, num_workers)
     with create_arrays(path, shapes, dtypes, _bank_metadata(info, train, test), check=_finite_check(path)) as writer:
-
-        def write(rows: slice, images: torch.Tensor) -> None:
-            count = rows.stop - rows.start
-            extractor.extract_into(images, torch.from_numpy(embeddings[:count]), torch.from_numpy(patches[:count]))
+        for first, embeddings, patches in _progress(batches, len(samples), progress, desc):
             # the batch's train rows, then its test rows (train samples come first)
-            for split, first, last in (("train", rows.start, min(rows.stop, len(train))),
-                                       ("test", max(rows.start, len(train)), rows.stop)):
-                if first < last:
-                    batch_rows = slice(first - rows.start, last - rows.start)
-                    offset = 0 if split == "train" else len(train)
-                    writer.write(f"{split}_embeddings", first - offset, embeddings[batch_rows])
-                    writer.write(f"{split}_patches", first - offset, patches[batch_rows])
-
-        _extract_batches(extractor, root, train + test, batch_size, write, num_workers=num_workers,
-                         progress=progress, desc=desc)
+            for split, start, stop, offset in (("train", first, min(first + len(embeddings), len(train)), 0),
+                                               ("test", max(first, len(train)), first + len(embeddings), len(train))):
+                if start < stop:
+                    rows = slice(start - first, stop - first)
+                    writer.write(f"{split}_embeddings", start - offset, embeddings[rows])
+                    writer.write(f"{split}_patches", start - offset, patches[rows])
 
 
 def extract_category(

@@ -57,6 +57,12 @@ class FeatureExtractor:
     band j). :meth:`extract_into` writes the same features into preallocated arrays instead.
     """
 
+    # How many batches the extraction runs at once on CPU, each with its share of the torch
+    # threads (vitad.featurebank): one by default, since every batch in flight holds its own
+    # activations (a ViT-B batch of 8 at 448 px: about 0.4 GB), and a model whose forward pass
+    # already keeps the cores busy gains nothing from a second.
+    cpu_streams = 1
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -181,6 +187,11 @@ class CNNExtractor(FeatureExtractor):
 
     ``trunk(pixels)`` returns {layer name: [B, C, h_layer, w_layer]} for every layer of
     ``features`` (a :class:`CNNFeatures`)."""
+
+    # Two batches at once: while one is decoded, the other's forward pass keeps the cores busy,
+    # and these convolutions scale better on half the threads twice than on all of them once,
+    # for the activations of one more batch at 224 px (tens of MB).
+    cpu_streams = 2
 
     def __init__(self, trunk: torch.nn.Module, *, features: CNNFeatures, **kwargs):
         # channels_last runs oneDNN convolutions without layout reorders (about 15 % faster on CPU),
