@@ -17,7 +17,6 @@ from vitad.core.data import (
     load_mask,
     load_rgb,
     normalize,
-    preprocess,
     resize_rgb,
     sample_mask,
 )
@@ -88,10 +87,10 @@ def test_grayscale_loads_as_rgb_and_batches_keep_metadata(tiny_dataset):
     assert metadata == samples[:2]
 
 
-def test_preprocess_resizes_without_crop():
+def test_images_are_resized_without_crop():
     image = Image.new("RGB", (300, 200), (255, 255, 255))
     image.paste((0, 0, 0), (0, 0, 30, 200))  # black band on the left 10 %
-    tensor = preprocess(image, 100)
+    tensor = normalize(torch.from_numpy(resize_rgb(image, 100).copy())[None])[0]
     assert tensor.shape == (3, 100, 100)
     assert tensor[0, 50, 2] < 0 < tensor[0, 50, 50]  # the border band survives the resize
 
@@ -103,9 +102,8 @@ def test_normalize_is_the_imagenet_normalisation_of_each_batch_image():
     assert images.shape == (2, 3, 5, 7) and images.dtype == torch.float32
     expected = (pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # float64 [B, H, W, 3]
     np.testing.assert_allclose(images.permute(0, 2, 3, 1).numpy(), expected, rtol=0, atol=1e-5)
-    # the single-image path gives the same values, bit for bit
-    image = Image.fromarray(pixels[1])
-    assert torch.equal(preprocess(image, 5)[None], normalize(torch.from_numpy(resize_rgb(image, 5).copy())[None]))
+    # an image normalised alone gets the values it gets in a batch, bit for bit
+    assert torch.equal(normalize(torch.from_numpy(pixels[1:])), images[1:])
 
 
 def test_bad_inputs_name_the_file(tiny_dataset, tmp_path):

@@ -30,7 +30,7 @@ cannot be had raise :class:`WeightsUnavailableError` while the extractor is buil
 image is read; nothing ever falls back to random weights. ``weights_info`` records which
 weights produced the features.
 
-Inputs are [B, 3, S, S] tensors from :func:`vitad.core.data.preprocess` (resize without centre crop,
+Inputs are [B, 3, S, S] tensors from :func:`vitad.core.data.collate` (resize without centre crop,
 ImageNet normalisation). Mixed precision (bf16, else fp16) is used on CUDA only; CPU runs fp32.
 """
 

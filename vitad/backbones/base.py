@@ -96,7 +96,7 @@ class FeatureExtractor:
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"expected images [B, 3, {self.image_size}, {self.image_size}] (RGB, see vitad.core.data.load_rgb and "
-                f"preprocess), got {list(images.shape)}"
+                f"collate), got {list(images.shape)}"
             )
         return images.to(self.device, dtype=torch.float32, non_blocking=True)
 

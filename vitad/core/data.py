@@ -182,13 +182,6 @@ def normalize(pixels: "torch.Tensor") -> "torch.Tensor":
     return images
 
 
-def preprocess(image: Image.Image, size: int) -> "torch.Tensor":
-    """RGB PIL image -> float tensor [3, size, size]: :func:`resize_rgb`, then :func:`normalize`."""
-    import torch  # imported here so that stages which only read metadata stay torch-free
-
-    return normalize(torch.from_numpy(np.array(resize_rgb(image, size)))[None])[0]
-
-
 class ImageDataset:
     """Samples -> (uint8 RGB [S, S, 3], Sample): a map-style dataset for a torch DataLoader with
     :func:`collate`, which normalises each batch."""

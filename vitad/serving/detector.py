@@ -37,8 +37,8 @@ from vitad.scoring import ScoringError
 # Images above this many pixels are refused before decoding (about 4096 x 4096: a 16 MP photo
 # fits; MVTec AD images are at most 1024 x 1024).
 MAX_IMAGE_PIXELS = 4096 * 4096
-# Images decoded (by a thread pool) before the model runs on them, per batch of the model: as in
-# the extract stage, decoding and the forward pass take turns on all cores.
+# Images decoded (by a thread pool) before the model runs on them, per batch of the model:
+# decoding and the forward pass take turns on all cores.
 DECODE_CHUNK_BATCHES = 8
 CSV_COLUMNS = (
     "file", "width", "height", "anomaly_score", "threshold", "decision", "run", "backbone", "recipe", "category",
