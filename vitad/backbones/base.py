@@ -189,8 +189,9 @@ class CNNExtractor(FeatureExtractor):
     ``features`` (a :class:`CNNFeatures`)."""
 
     # Two batches at once: while one is decoded, the other's forward pass keeps the cores busy,
-    # and these convolutions scale better on half the threads twice than on all of them once,
-    # for the activations of one more batch at 224 px (tens of MB).
+    # and these convolutions scale better on half the threads twice than on all of them once;
+    # the price is a second batch's activations and decoded images plus a second malloc arena
+    # (WRN50 at 224 px from 1024 px images: about 0.4 GB, README "CPU streams").
     cpu_streams = 2
 
     def __init__(self, trunk: torch.nn.Module, *, features: CNNFeatures, **kwargs):
