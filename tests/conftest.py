@@ -1,4 +1,5 @@
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,23 @@ def tiny_project(tmp_path_factory, tiny_dataset) -> Path:
     from tiny_project import build_project
 
     return build_project(tmp_path_factory.mktemp("tiny") / "project", tiny_dataset)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """torch on two threads during the test (CPU streams need at least two); yields a function
+    that returns (the calling thread's torch threads, those of a thread started now), which a
+    stream must leave as they were."""
+    import torch
+
+    def thread_counts() -> tuple[int, int]:
+        started = []
+        thread = threading.Thread(target=lambda: started.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return torch.get_num_threads(), started[0]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield thread_counts
+    torch.set_num_threads(threads)

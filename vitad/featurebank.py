@@ -13,8 +13,6 @@ A bank is one safetensors file (``featurebanks/<backbone>/<category>.safetensors
 from __future__ import annotations
 
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -26,6 +24,7 @@ from vitad.core.cli import StageError
 from vitad.core.data import ImageDataset, Sample, collate, split_samples
 from vitad.core.io import create_arrays, load_arrays, open_arrays, save_arrays
 from vitad.core.params import ParamsError, param, positive_int
+from vitad.core.streams import map_in_streams
 
 if TYPE_CHECKING:  # reading a bank needs neither torch nor the backbones (seconds to import)
     import torch
@@ -92,9 +91,9 @@ def _batch_features(
     On a GPU, DataLoader processes (``num_workers``, default one per core but one, at most 8)
     decode while the model runs. On CPU, ``num_workers`` streams (default the extractor's
     ``cpu_streams``, at most one per torch thread; 0 or 1: one, in the calling thread) split
-    the torch threads between them; a stream decodes and resizes its batch (PIL, which releases
-    the GIL), normalises it and runs the model on it in one thread, so streams cost no process
-    start-up and no copy of every image.
+    the torch threads between them (:func:`vitad.core.streams.map_in_streams`); a stream decodes
+    and resizes its batch (PIL, which releases the GIL), normalises it and runs the model on it
+    in one thread, so streams cost no process start-up and no copy of every image.
     """
     import torch
 
@@ -123,27 +122,8 @@ def _batch_features(
         images, _ = collate([dataset[index] for index in range(first, min(first + batch_size, len(dataset)))])
         return first, *features(images)
 
-    threads = torch.get_num_threads()
-    streams = min(extractor.cpu_streams if num_workers is None else max(1, num_workers), threads)
-    starts = range(0, len(dataset), batch_size)
-    if streams == 1:
-        yield from map(batch, starts)
-        return
-    # torch.set_num_threads sets the calling thread's OpenMP team size (and the default for
-    # threads not yet started): each stream sets its share once, the first ones rounding up.
-    shares = iter([threads // streams + 1] * (threads % streams) + [threads // streams] * (streams - threads % streams))
-    pool = ThreadPoolExecutor(streams, initializer=lambda: torch.set_num_threads(next(shares)))
-    pending: deque[Future] = deque()
-    try:
-        for first in starts:
-            pending.append(pool.submit(batch, first))
-            if len(pending) > streams:  # one batch queued for whichever stream finishes first
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an error: finish the running batches only
-        torch.set_num_threads(threads)
+    streams = extractor.cpu_streams if num_workers is None else num_workers
+    yield from map_in_streams(batch, range(0, len(dataset), batch_size), streams)
 
 
 def extract_split(
