@@ -12,6 +12,7 @@ import dataclasses
 import io
 import shutil
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -289,6 +290,53 @@ def test_an_image_that_cannot_be_scored_is_an_error_row_and_the_batch_goes_on(kn
     assert second.error is None and second.result.score == expected.score
     with pytest.raises(ImageError, match=f"{files[0][0]}: cannot be scored"):
         demo.score_upload(broken(), files[0][1], files[0][0])
+
+
+def test_cnn_batches_run_in_cpu_streams_as_in_the_extract_stage_and_on_a_gpu_in_the_calling_thread(
+    knn_weave, tiny_dataset, monkeypatch, two_torch_threads
+):
+    import torch
+
+    files = [_test_image(tiny_dataset, "weave", index) for index in range(4)]
+    files.insert(2, ("broken.png", b"not a png"))
+    sources = [(name, lambda data=data: data) for name, data in files]
+    assert knn_weave.extractor.cpu_streams == 1  # the tiny ViT: its batches run in the calling thread
+    serial = list(knn_weave.score_files(sources, batch_size=2))
+    teams = []  # (thread, torch threads) of every batch's forward pass
+    extract_into = knn_weave.extractor.extract_into
+
+    def recording(images, embeddings, patches):
+        teams.append((threading.get_ident(), torch.get_num_threads()))
+        extract_into(images, embeddings, patches)
+
+    monkeypatch.setattr(knn_weave.extractor, "extract_into", recording)
+    monkeypatch.setattr(knn_weave.extractor, "cpu_streams", 2)  # as a CNN's
+    streamed = list(knn_weave.score_files(sources, batch_size=2))
+    # three batches: two side by side on one thread each, the third after them on both threads
+    assert len(teams) == 3 and {threads for _, threads in teams[:2]} == {1}
+    assert threading.get_ident() not in {thread for thread, _ in teams[:2]} and teams[2] == (threading.get_ident(), 2)
+    assert [item.name for item in streamed] == [name for name, _ in files]
+    assert streamed[2].result is None and streamed[2].error.startswith("broken.png")
+    for item, reference in zip(streamed[:2] + streamed[3:], serial[:2] + serial[3:]):
+        assert item.error is None and item.decoded.image.size == reference.decoded.image.size
+        np.testing.assert_allclose(item.result.score, reference.result.score, rtol=1e-5)
+        np.testing.assert_allclose(item.result.patch_scores, reference.result.patch_scores, rtol=1e-5, atol=1e-6)
+    assert two_torch_threads() == (2, 2)
+
+    class OnAGpu:
+        """The tiny ViT as the detector sees an extractor on a GPU (computing on the CPU here)."""
+
+        device = torch.device("cuda")
+
+        def __getattr__(self, name):
+            return getattr(knn_weave.extractor, name)
+
+    teams.clear()
+    on_a_gpu = list(dataclasses.replace(knn_weave, extractor=OnAGpu()).score_files(sources, batch_size=2))
+    assert {thread for thread, _ in teams} == {threading.get_ident()}  # the model in the calling thread
+    assert [item.name for item in on_a_gpu] == [name for name, _ in files] and on_a_gpu[2].error == streamed[2].error
+    for item, reference in zip(on_a_gpu[:2] + on_a_gpu[3:], serial[:2] + serial[3:]):
+        np.testing.assert_allclose(item.result.score, reference.result.score, rtol=1e-5)
 
 
 def _copy_with_other_model_weights(project: Path, destination: Path, run: demo.Run) -> Path:

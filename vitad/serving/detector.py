@@ -7,20 +7,21 @@
   is not an image, truncated files and decompression bombs with an :class:`ImageError` naming
   the file.
 - :meth:`Detector.score_files`: named files -> one :class:`ScoredFile` each, in order; images
-  are decoded by a thread pool and scored in batches with the pipeline's preprocessing,
-  extractor, scorer and image-score rule (the same scores as the score stage's); a file that
-  cannot be read, decoded or scored becomes an error entry and the batch goes on.
+  are decoded, preprocessed, fed to the extractor and scored batch by batch with the
+  pipeline's preprocessing, extractor, scorer and image-score rule (the same scores as the
+  score stage's), on CPU in the extract stage's streams (:mod:`vitad.core.streams`); a file
+  that cannot be read, decoded or scored becomes an error entry and the batch goes on.
 - :func:`result_record`, :func:`results_csv`: one row per file with :data:`CSV_COLUMNS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -30,6 +31,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vitad.backbones import FeatureExtractor, build_extractor
 from vitad.core.data import normalize, resize_rgb
+from vitad.core.streams import map_in_streams
 from vitad.featurebank import PATCH_DTYPES
 from vitad.serving.model import FittedModel, ModelError, read_model
 from vitad.scoring import ScoringError
@@ -37,9 +39,6 @@ from vitad.scoring import ScoringError
 # Images above this many pixels are refused before decoding (about 4096 x 4096: a 16 MP photo
 # fits; MVTec AD images are at most 1024 x 1024).
 MAX_IMAGE_PIXELS = 4096 * 4096
-# Images decoded (by a thread pool) before the model runs on them, per batch of the model:
-# decoding and the forward pass take turns on all cores.
-DECODE_CHUNK_BATCHES = 8
 CSV_COLUMNS = (
     "file", "width", "height", "anomaly_score", "threshold", "decision", "run", "backbone", "recipe", "category",
     "weights", "message",
@@ -206,20 +205,6 @@ class Detector:
             return [outcome for index in range(len(patch_grids)) for outcome in self._image_scores(patch_grids[index : index + 1])]
         return list(zip(image_scores.tolist(), patch_scores))
 
-    def _score_batch(self, images: Sequence[Image.Image], pixels: torch.Tensor) -> list[ImageScore | str]:
-        """Scores of one batch of images and their preprocessed pixels [B, 3, S, S], or per
-        image the reason it cannot be scored."""
-        with self._lock:  # one batch at a time: the model and the scorer are shared (demo sessions)
-            outcomes = self._image_scores(self._patch_features(pixels))
-        results = []
-        for image, outcome in zip(images, outcomes):
-            if isinstance(outcome, str):
-                results.append(outcome)
-            else:
-                note = self.size_note(image)
-                results.append(ImageScore(outcome[0], outcome[1], () if note is None else (note,)))
-        return results
-
     def _decoded(self, source: Source) -> tuple[DecodedImage, np.ndarray] | str:
         """(the image, resized uint8 [S, S, 3]) of ``source``, or why it cannot be decoded."""
         name, read = source
@@ -233,28 +218,46 @@ class Detector:
             return str(error)
         return decoded, resize_rgb(decoded.image, self.model.image_size)
 
-    def score_files(self, sources: Iterable[Source], batch_size: int = 8, workers: int | None = None) -> Iterator[ScoredFile]:
+    def _decoded_batch(self, batch: Sequence[Source]) -> list[tuple[DecodedImage, np.ndarray] | str]:
+        return [self._decoded(source) for source in batch]
+
+    def _decoded_and_scored(self, batch: Sequence[Source]) -> list[ScoredFile]:
+        return self._scored(batch, self._decoded_batch(batch))
+
+    def _scored(self, batch: Sequence[Source], decoded: Sequence[tuple[DecodedImage, np.ndarray] | str]) -> list[ScoredFile]:
+        """One :class:`ScoredFile` per source of ``batch``, whose images ``decoded`` holds (or
+        why one could not be decoded): their features extracted together and scored."""
+        good = [index for index, item in enumerate(decoded) if not isinstance(item, str)]
+        outcomes = {}
+        if good:
+            pixels = normalize(torch.from_numpy(np.stack([decoded[index][1] for index in good])))  # [G, 3, S, S]
+            # CPU streams run side by side (the scorer only reads its state); a GPU holds one batch at a time
+            with self._lock if self.extractor.device.type == "cuda" else contextlib.nullcontext():
+                outcomes = dict(zip(good, self._image_scores(self._patch_features(pixels))))
+        scored = []
+        for index, (name, _) in enumerate(batch):
+            item, outcome = decoded[index], outcomes.get(index)
+            if isinstance(item, str):
+                scored.append(ScoredFile(name, None, None, item))
+            elif isinstance(outcome, str):
+                scored.append(ScoredFile(name, item[0], None, f"{name}: {outcome}"))
+            else:
+                note = self.size_note(item[0].image)
+                scored.append(ScoredFile(name, item[0], ImageScore(outcome[0], outcome[1], () if note is None else (note,)), None))
+        return scored
+
+    def score_files(self, sources: Iterable[Source], batch_size: int = 8) -> Iterator[ScoredFile]:
         """One :class:`ScoredFile` per source, in order (see the module docstring)."""
         sources = list(sources)
-        chunk = batch_size * DECODE_CHUNK_BATCHES
-        with ThreadPoolExecutor(min(os.cpu_count() or 1, 8) if workers is None else workers) as pool:
-            for start in range(0, len(sources), chunk):
-                names = [name for name, _ in sources[start : start + chunk]]
-                decoded = list(pool.map(self._decoded, sources[start : start + chunk]))
-                good = [index for index, item in enumerate(decoded) if not isinstance(item, str)]
-                results: dict[int, ImageScore | str] = {}
-                for first in range(0, len(good), batch_size):
-                    batch = good[first : first + batch_size]
-                    pixels = normalize(torch.from_numpy(np.stack([decoded[index][1] for index in batch])))  # [B, 3, S, S]
-                    results.update(zip(batch, self._score_batch([decoded[index][0].image for index in batch], pixels)))
-                for index, name in enumerate(names):
-                    item, result = decoded[index], results.get(index)
-                    if isinstance(item, str):
-                        yield ScoredFile(name, None, None, item)
-                    elif isinstance(result, str):
-                        yield ScoredFile(name, item[0], None, f"{name}: {result}")
-                    else:
-                        yield ScoredFile(name, item[0], result, None)
+        batches = [sources[start : start + batch_size] for start in range(0, len(sources), batch_size)]
+        if self.extractor.device.type == "cpu":  # as the extract stage: its streams decode, extract and score
+            for scored in map_in_streams(self._decoded_and_scored, batches, self.extractor.cpu_streams):
+                yield from scored
+            return
+        # a GPU: threads decode side by side; the model and the scorer (on all cores) take one batch at a time
+        decoded_batches = map_in_streams(self._decoded_batch, batches, min(os.cpu_count() or 1, 8))
+        for batch, decoded in zip(batches, decoded_batches):
+            yield from self._scored(batch, decoded)
 
 
 def load_detector(path, device: str | torch.device = "cpu") -> Detector:
