@@ -12,9 +12,16 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 setup: $(STAMP)
 
 # torch==2.14.1 / torchvision==0.29.1 come from the local wheel store pip is configured with;
-# the venv is rebuilt only when pyproject.toml changes.
+# the venv is rebuilt only when pyproject.toml changes. That torch is a CUDA build: with its
+# NVIDIA libraries the venv takes about SETUP_GIB, checked first rather than pip stopping halfway
+# with "No space left on device".
+SETUP_GIB := 7
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import importlib.util, shutil, sys; \
+	  free = shutil.disk_usage('$(VENV)').free / 2**30; \
+	  short = importlib.util.find_spec('torch') is None and free < $(SETUP_GIB); \
+	  sys.exit(short and f'make setup: $(VENV) needs about $(SETUP_GIB) GiB (PyTorch with its NVIDIA libraries), {free:.1f} GiB are free there')"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
 	touch $(STAMP)
