@@ -1,4 +1,4 @@
-"""vitad.core.streams: batches side by side on shares of torch's threads, results in order."""
+"""vitad.streams: batches side by side on shares of torch's threads, results in order."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from vitad.core.streams import map_in_streams
+from vitad.streams import map_in_streams
 
 
 def _team(item: int) -> tuple[int, int, int]:

@@ -24,7 +24,7 @@ from vitad.core.cli import StageError
 from vitad.core.data import ImageDataset, Sample, collate, split_samples
 from vitad.core.io import create_arrays, load_arrays, open_arrays, save_arrays
 from vitad.core.params import ParamsError, param, positive_int
-from vitad.core.streams import map_in_streams
+from vitad.streams import map_in_streams
 
 if TYPE_CHECKING:  # reading a bank needs neither torch nor the backbones (seconds to import)
     import torch
@@ -91,7 +91,7 @@ def _batch_features(
     On a GPU, DataLoader processes (``num_workers``, default one per core but one, at most 8)
     decode while the model runs. On CPU, ``num_workers`` streams (default the extractor's
     ``cpu_streams``, at most one per torch thread; 0 or 1: one, in the calling thread) split
-    the torch threads between them (:func:`vitad.core.streams.map_in_streams`); a stream decodes
+    the torch threads between them (:func:`vitad.streams.map_in_streams`); a stream decodes
     and resizes its batch (PIL, which releases the GIL), normalises it and runs the model on it
     in one thread, so streams cost no process start-up and no copy of every image.
     """

@@ -9,7 +9,7 @@
 - :meth:`Detector.score_files`: named files -> one :class:`ScoredFile` each, in order; images
   are decoded, preprocessed, fed to the extractor and scored batch by batch with the
   pipeline's preprocessing, extractor, scorer and image-score rule (the same scores as the
-  score stage's), on CPU in the extract stage's streams (:mod:`vitad.core.streams`); a file
+  score stage's), on CPU in the extract stage's streams (:mod:`vitad.streams`); a file
   that cannot be read, decoded or scored becomes an error entry and the batch goes on.
 - :func:`result_record`, :func:`results_csv`: one row per file with :data:`CSV_COLUMNS`.
 """
@@ -31,7 +31,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vitad.backbones import FeatureExtractor, build_extractor
 from vitad.core.data import normalize, resize_rgb
-from vitad.core.streams import map_in_streams
+from vitad.streams import map_in_streams
 from vitad.featurebank import PATCH_DTYPES
 from vitad.serving.model import FittedModel, ModelError, read_model
 from vitad.scoring import ScoringError
