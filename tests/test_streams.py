@@ -25,14 +25,18 @@ def test_results_come_in_item_order_from_streams_on_their_share_of_the_threads(t
     assert two_torch_threads() == (2, 2)
 
 
-def test_shares_split_all_the_threads_the_first_streams_rounding_up():
+def _teams_on(torch_threads: int, items: int, streams: int) -> list[tuple[int, int, int]]:
+    """:func:`_team` of each item, run with torch on ``torch_threads`` threads."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(3)
+    torch.set_num_threads(torch_threads)
     try:
-        results = list(map_in_streams(_team, range(6), 2))
+        return list(map_in_streams(_team, range(items), streams))
     finally:
         torch.set_num_threads(threads)
-    teams = {thread: team for _, thread, team in results}
+
+
+def test_shares_split_all_the_threads_the_first_streams_rounding_up():
+    teams = {thread: team for _, thread, team in _teams_on(3, 6, 2)}
     assert sorted(teams.values()) == [1, 2]
 
 
@@ -52,13 +56,7 @@ def test_one_stream_or_one_item_runs_in_the_calling_thread_on_all_threads(two_to
 
 
 def test_no_more_streams_than_torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = list(map_in_streams(_team, range(4), 2))
-    finally:
-        torch.set_num_threads(threads)
-    assert {(thread, team) for _, thread, team in results} == {(threading.get_ident(), 1)}
+    assert {(thread, team) for _, thread, team in _teams_on(1, 4, 2)} == {(threading.get_ident(), 1)}
 
 
 def test_an_error_reaches_the_caller_at_its_turn_and_drops_the_queued_items(two_torch_threads):
