@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 # torch==2.14.1 / torchvision==0.29.1 come from the local wheel store pip is configured with;
 # the venv is rebuilt only when pyproject.toml changes. That torch is a CUDA build: with its
-# NVIDIA libraries the venv takes about SETUP_GIB, checked first rather than pip stopping halfway
+# NVIDIA libraries the venv takes about 7 GiB (SETUP_GIB), checked first rather than pip stopping halfway
 # with "No space left on device".
 SETUP_GIB := 7
 $(STAMP): pyproject.toml
