@@ -9,7 +9,7 @@ of the default dataset:
 
 Prints images/s of both and their ratio (target >= 0.90). On CPU a CNN's extraction runs two
 streams, each decoding a batch and running the model on it with half the torch threads
-(vitad.featurebank._batch_features), so a small model's pipeline can beat the bare forward on
+(vitad.streams), so a small model's pipeline can beat the bare forward on
 all threads (ratio above 1). ``--train-images N`` generates the category with N training images
 instead of using ``--data`` (the default set's 15 images are two batches, too few for the
 streams to overlap decoding with a forward pass, and a run of ~0.3 s is at the mercy of noise).

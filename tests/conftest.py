@@ -44,3 +44,23 @@ def two_torch_threads():
     torch.set_num_threads(2)
     yield thread_counts
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def forward_teams(monkeypatch):
+    """A function that makes an extractor record every forward pass's (thread, torch threads)
+    in the list it returns (the extractor is restored after the test)."""
+    import torch
+
+    def record(extractor) -> list[tuple[int, int]]:
+        teams = []
+        extract_into = extractor.extract_into
+
+        def recording(images, embeddings, patches):
+            teams.append((threading.get_ident(), torch.get_num_threads()))
+            extract_into(images, embeddings, patches)
+
+        monkeypatch.setattr(extractor, "extract_into", recording)
+        return teams
+
+    return record

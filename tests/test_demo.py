@@ -293,7 +293,7 @@ def test_an_image_that_cannot_be_scored_is_an_error_row_and_the_batch_goes_on(kn
 
 
 def test_cnn_batches_run_in_cpu_streams_as_in_the_extract_stage_and_on_a_gpu_in_the_calling_thread(
-    knn_weave, tiny_dataset, monkeypatch, two_torch_threads
+    knn_weave, tiny_dataset, monkeypatch, forward_teams, two_torch_threads
 ):
     import torch
 
@@ -302,14 +302,7 @@ def test_cnn_batches_run_in_cpu_streams_as_in_the_extract_stage_and_on_a_gpu_in_
     sources = [(name, lambda data=data: data) for name, data in files]
     assert knn_weave.extractor.cpu_streams == 1  # the tiny ViT: its batches run in the calling thread
     serial = list(knn_weave.score_files(sources, batch_size=2))
-    teams = []  # (thread, torch threads) of every batch's forward pass
-    extract_into = knn_weave.extractor.extract_into
-
-    def recording(images, embeddings, patches):
-        teams.append((threading.get_ident(), torch.get_num_threads()))
-        extract_into(images, embeddings, patches)
-
-    monkeypatch.setattr(knn_weave.extractor, "extract_into", recording)
+    teams = forward_teams(knn_weave.extractor)  # (thread, torch threads) of every batch's forward pass
     monkeypatch.setattr(knn_weave.extractor, "cpu_streams", 2)  # as a CNN's
     streamed = list(knn_weave.score_files(sources, batch_size=2))
     # three batches: two side by side on one thread each, the third after them on both threads

@@ -181,20 +181,11 @@ def test_rows_follow_samples_across_batches_and_workers(tiny_dataset, extractor)
 
 
 def test_cpu_streams_split_the_threads_keep_the_row_order_and_restore_the_thread_count(
-    tiny_dataset, extractor, monkeypatch, two_torch_threads
+    tiny_dataset, extractor, forward_teams, two_torch_threads
 ):
-    import torch
-
     samples = index_category(tiny_dataset, "weave")
     serial = extract_split(extractor, tiny_dataset, samples, batch_size=2, num_workers=0, progress=False)
-    teams = []  # (thread, torch threads) of every batch's forward pass
-    extract_into = extractor.extract_into
-
-    def recording(images, embeddings, patches):
-        teams.append((threading.get_ident(), torch.get_num_threads()))
-        extract_into(images, embeddings, patches)
-
-    monkeypatch.setattr(extractor, "extract_into", recording)
+    teams = forward_teams(extractor)  # (thread, torch threads) of every batch's forward pass
     # a ViT's batches run one at a time, in the calling thread, on all threads
     assert extractor.cpu_streams == 1
     default = extract_split(extractor, tiny_dataset, samples, batch_size=2, progress=False)
@@ -213,8 +204,6 @@ def test_cpu_streams_split_the_threads_keep_the_row_order_and_restore_the_thread
 
 
 def test_a_failing_stream_stops_the_extraction_and_leaves_no_bank(tmp_path, tiny_dataset, extractor, two_torch_threads):
-    import torch
-
     dataset = tmp_path / "dataset"
     shutil.copytree(tiny_dataset / "weave", dataset / "weave")
     samples = index_category(dataset, "weave")

@@ -27,8 +27,6 @@ from vitad.core.params import ParamsError, param, positive_int
 from vitad.streams import map_in_streams
 
 if TYPE_CHECKING:  # reading a bank needs neither torch nor the backbones (seconds to import)
-    import torch
-
     from vitad.backbones import FeatureExtractor
 
 PATCH_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -99,13 +97,6 @@ def _batch_features(
 
     dataset = ImageDataset(root, samples, extractor.image_size)
 
-    def features(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        embeddings = np.empty((len(images), extractor.embedding_dim), dtype=np.float32)
-        patches = np.empty((len(images), *extractor.grid_size, extractor.patch_dim), dtype=patch_dtype)
-        # the features land in these arrays, cast to the storage dtype in the copy itself
-        extractor.extract_into(images, torch.from_numpy(embeddings), torch.from_numpy(patches))
-        return embeddings, patches
-
     if extractor.device.type == "cuda":
         workers = max(1, min(8, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
         loader = torch.utils.data.DataLoader(
@@ -114,13 +105,13 @@ def _batch_features(
         )
         first = 0
         for images, _ in loader:
-            yield first, *features(images)
+            yield first, *extractor.extract_arrays(images, patch_dtype)
             first += len(images)
         return
 
     def batch(first: int) -> tuple[int, np.ndarray, np.ndarray]:
         images, _ = collate([dataset[index] for index in range(first, min(first + batch_size, len(dataset)))])
-        return first, *features(images)
+        return first, *extractor.extract_arrays(images, patch_dtype)
 
     streams = extractor.cpu_streams if num_workers is None else num_workers
     yield from map_in_streams(batch, range(0, len(dataset), batch_size), streams)

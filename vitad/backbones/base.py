@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +59,7 @@ class FeatureExtractor:
     """
 
     # How many batches the extraction runs at once on CPU, each with its share of the torch
-    # threads (vitad.featurebank): one by default, since every batch in flight holds its own
+    # threads (vitad.streams): one by default, since every batch in flight holds its own
     # activations (a ViT-B batch of 8 at 448 px: about 0.4 GB), and a model whose forward pass
     # already keeps the cores busy gains nothing from a second.
     cpu_streams = 1
@@ -109,6 +110,14 @@ class FeatureExtractor:
         image_embeddings = torch.empty(len(images), self.embedding_dim)
         patch_grid = torch.empty(len(images), *self.grid_size, self.patch_dim)
         self.extract_into(images, image_embeddings, patch_grid)
+        return image_embeddings, patch_grid
+
+    def extract_arrays(self, images: torch.Tensor, patch_dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(image embeddings [B, embedding_dim] float32, patch grid [B, h, w, patch_dim] in
+        ``patch_dtype``) of ``images``, new numpy arrays written by :meth:`extract_into`."""
+        image_embeddings = np.empty((len(images), self.embedding_dim), dtype=np.float32)
+        patch_grid = np.empty((len(images), *self.grid_size, self.patch_dim), dtype=patch_dtype)
+        self.extract_into(images, torch.from_numpy(image_embeddings), torch.from_numpy(patch_grid))
         return image_embeddings, patch_grid
 
     def extract_into(self, images: torch.Tensor, image_embeddings: torch.Tensor, patch_grid: torch.Tensor) -> None:

@@ -188,10 +188,7 @@ class Detector:
     def _patch_features(self, pixels: torch.Tensor) -> np.ndarray:
         """Patch grids [B, h, w, D] (float32) of preprocessed images [B, 3, S, S], rounded to
         the dtype the training features were stored in, as the pipeline's test features were."""
-        patch_grid = np.empty((len(pixels), *self.extractor.grid_size, self.extractor.patch_dim),
-                              dtype=PATCH_DTYPES[self.model.extractor["patch_dtype"]])
-        embeddings = torch.empty(len(pixels), self.extractor.embedding_dim)
-        self.extractor.extract_into(pixels, embeddings, torch.from_numpy(patch_grid))
+        _, patch_grid = self.extractor.extract_arrays(pixels, PATCH_DTYPES[self.model.extractor["patch_dtype"]])
         return patch_grid.astype(np.float32)
 
     def _image_scores(self, patch_grids: np.ndarray) -> list[tuple[float, np.ndarray] | str]:
